@@ -20,7 +20,9 @@ from roost import __version__
 from roost.runtime.errors import RoostError
 from roost.runtime.manifest import load_manifest
 from roost.runtime.pack import DEFAULT_EXCLUDES, pack
-from roost.runtime.store import Store, install
+from roost.runtime.peer import EngineConfig
+from roost.runtime.store import Store, check_keep, check_release_name, install
+from roost.runtime.swarm import EventLog, fetch, read_secret, seed
 from roost.runtime.tree import TreeSource, verify_tree
 
 Handler = Callable[[argparse.Namespace], int]
@@ -85,6 +87,19 @@ def add_host_commands(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(handler=cmd_releases)
 
+    p = commands.add_parser("fetch", help="download a release from its swarm into DEST")
+    p.add_argument("manifest", metavar="MANIFEST")
+    add_store_options(p)
+    add_swarm_options(p)
+    p.add_argument("--events", action="store_true", help="JSON progress events on stdout")
+    p.set_defaults(handler=cmd_fetch)
+
+    p = commands.add_parser("seed", help="serve a release to its swarm from its source tree")
+    p.add_argument("manifest", metavar="MANIFEST")
+    p.add_argument("src", metavar="SRC_DIR")
+    add_swarm_options(p)
+    p.set_defaults(handler=cmd_seed)
+
     p = commands.add_parser("prune", help="delete old releases (never current or previous)")
     p.add_argument("dest", metavar="DEST")
     p.add_argument("--keep", type=int, required=True, metavar="K")
@@ -100,6 +115,67 @@ def add_store_options(p: argparse.ArgumentParser) -> None:
         "--force",
         action="store_true",
         help="DEST exists but is not a roost store: delete its contents and make it one",
+    )
+
+
+def add_swarm_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tracker", metavar="URL", help="tracker to announce to")
+    p.add_argument(
+        "--peer",
+        action="append",
+        default=[],
+        type=parse_address,
+        metavar="HOST:PORT",
+        help="a peer to contact directly (repeatable; works without a tracker)",
+    )
+    p.add_argument(
+        "--secret-file",
+        metavar="FILE",
+        help="file holding the swarm secret as hex (or set ROOST_SECRET_FILE / ROOST_SECRET)",
+    )
+    p.add_argument(
+        "--listen",
+        type=parse_address,
+        default=("127.0.0.1", 0),
+        metavar="HOST:PORT",
+        help="address to accept peers on (default 127.0.0.1, any free port)",
+    )
+    p.add_argument("--advertise", metavar="HOST", help="address other peers should dial")
+    p.add_argument("--rack", metavar="LABEL", help="this host's rack, for neighbour choice")
+    p.add_argument(
+        "--linger",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="keep serving this long after completing, unless the swarm is done (default 30)",
+    )
+    p.add_argument("--upload-rate", type=parse_size, metavar="BYTES/S", help="upload limit")
+    p.add_argument("--download-rate", type=parse_size, metavar="BYTES/S", help="download limit")
+    p.add_argument(
+        "--stall-timeout",
+        type=float,
+        default=300.0,
+        metavar="SECONDS",
+        help="give up when no piece arrived for this long (default 300)",
+    )
+
+
+def engine_config(args: argparse.Namespace) -> EngineConfig:
+    if not args.tracker and not args.peer and not getattr(args, "src", None):
+        raise RoostError("nowhere to fetch from: give --tracker URL or --peer HOST:PORT")
+    host, port = args.listen
+    return EngineConfig(
+        secret=read_secret(args.secret_file),
+        listen_host=host,
+        listen_port=port,
+        advertise_host=args.advertise,
+        tracker=args.tracker,
+        rack=args.rack,
+        linger=args.linger,
+        stall_timeout=args.stall_timeout,
+        upload_rate=args.upload_rate,
+        download_rate=args.download_rate,
+        peers=list(args.peer),
     )
 
 
@@ -163,6 +239,10 @@ def cmd_install(args: argparse.Namespace) -> int:
     manifest = load_manifest(args.manifest)
     if not os.path.isdir(args.source):
         raise RoostError(f"--from {args.source} is not a directory")
+    if args.tag is not None:
+        check_release_name(args.tag)
+    if args.keep is not None:
+        check_keep(args.keep)
     store = Store.open(args.dest, create=True, force=args.force)
     with Progress("installing", enabled=not args.quiet) as progress:
         result = install(
@@ -181,6 +261,8 @@ def cmd_install(args: argparse.Namespace) -> int:
 
 
 def cmd_activate(args: argparse.Namespace) -> int:
+    if args.keep is not None:
+        check_keep(args.keep)
     store = Store.open(args.dest)
     with store.locked():
         store.activate(args.name)
@@ -220,6 +302,41 @@ def cmd_releases(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_fetch(args: argparse.Namespace) -> int:
+    manifest = load_manifest(args.manifest)
+    config = engine_config(args)
+    if args.tag is not None:
+        check_release_name(args.tag)
+    if args.keep is not None:
+        check_keep(args.keep)
+    store = Store.open(args.dest, create=True, force=args.force)
+    release, stats = fetch(
+        manifest,
+        store,
+        config,
+        name=args.tag,
+        activate=args.activate,
+        keep=args.keep,
+        events=EventLog(args.events),
+    )
+    if not args.events:
+        print(
+            f"fetched release {manifest.short_id} into {store.releases_dir}/{release.name}:"
+            f" {format_size(stats.from_origin)} from the origin,"
+            f" {format_size(stats.from_peers)} from peers, {format_size(stats.uploaded)} uploaded"
+        )
+        report_activation(store, release.name if args.activate else None, [])
+    return 0
+
+
+def cmd_seed(args: argparse.Namespace) -> int:
+    manifest = load_manifest(args.manifest)
+    config = engine_config(args)
+    print(f"seeding release {manifest.short_id} from {args.src}", file=sys.stderr)
+    seed(manifest, args.src, config)
+    return 0
+
+
 def cmd_prune(args: argparse.Namespace) -> int:
     store = Store.open(args.dest)
     with store.locked():
@@ -246,6 +363,14 @@ def parse_size(text: str) -> int:
     if not match:
         raise argparse.ArgumentTypeError(f"not a size: {text!r} (try 1M or 262144)")
     return int(match[1]) * 1024 ** " kmgt".index(match[2].lower() or " ")
+
+
+def parse_address(text: str) -> tuple[str, int]:
+    """'host:port' or '[v6]:port' as a (host, port) pair."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535 or not host:
+        raise argparse.ArgumentTypeError(f"not HOST:PORT: {text!r}")
+    return host.strip("[]"), int(port)
 
 
 def format_size(n: float) -> str:

@@ -1,0 +1,1 @@
+"""Fleet deploys driven from the controller: local simulation today, SSH next."""

@@ -1,0 +1,699 @@
+"""The peer engine: exchange a release's pieces with neighbours until every host holds it.
+
+One asyncio task per connection direction moves bytes; everything else is a
+method on ``Engine`` that runs on the event loop, so the engine's state (what
+we hold, what is requested from whom, who holds what) has exactly one owner.
+The wire protocol is ``protocol.PeerConnection`` (sans-I/O); which pieces to
+request is ``picker`` (pure). Sockets are used through the loop's ``sock_*``
+calls rather than transports, because ``loop.sock_sendfile`` sends an upload
+with ``os.sendfile`` (zero-copy) while the same socket keeps being read.
+
+Every piece is hashed before it counts as held, before it is written, and
+before it is offered; a neighbour that sends a bad piece is disconnected and
+banned for the rest of this swarm.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import os
+import random
+import socket
+import time
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from roost.runtime import announce, picker
+from roost.runtime import protocol as wire
+from roost.runtime.manifest import Manifest
+from roost.runtime.ratelimit import TokenBucket
+
+log = logging.getLogger("roost.peer")
+
+RECV_CHUNK = 1 << 20
+CONNECT_TIMEOUT = 5.0
+IDLE_TIMEOUT = 60.0
+KEEPALIVE_INTERVAL = 15.0
+RETRY_BASE = 0.5
+RETRY_CAP = 30.0
+
+
+@dataclass
+class EngineConfig:
+    secret: bytes
+    peer_id: bytes = field(default_factory=lambda: os.urandom(16))
+    listen_host: str = "127.0.0.1"
+    listen_port: int = 0
+    advertise_host: str | None = None
+    tracker: str | None = None
+    rack: str | None = None
+    seeder: bool = False
+    linger: float = 30.0
+    stall_timeout: float = 300.0
+    max_connections: int = 32
+    in_flight_bytes: int = 4 << 20
+    upload_rate: float | None = None
+    download_rate: float | None = None
+    peers: list[tuple[str, int]] = field(default_factory=list)
+
+
+@dataclass
+class Stats:
+    downloaded: int = 0
+    from_origin: int = 0
+    from_peers: int = 0
+    uploaded: int = 0
+    bad_pieces: int = 0
+    banned: int = 0
+    started: float = 0.0
+    completed: float | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+class Pieces:
+    """Where a release's pieces live on this host: a tree that is complete or being filled.
+
+    ``write`` is only called with pieces whose hash was checked. A seeder's tree
+    (``verify_reads``) is the operator's source directory: each piece is checked
+    against the manifest the first time it is served, so a tree that changed
+    after packing is caught, not spread.
+    """
+
+    def __init__(
+        self,
+        root: str,
+        manifest: Manifest,
+        *,
+        complete: bool,
+        write: Callable[[int, bytes], None] | None = None,
+    ) -> None:
+        self.root = root
+        self.manifest = manifest
+        self.have = bytearray([1 if complete else 0]) * manifest.piece_count
+        self.checked = bytearray(manifest.piece_count) if complete else None
+        self._write = write
+
+    @property
+    def complete(self) -> bool:
+        return all(self.have)
+
+    def store(self, index: int, data: bytes) -> None:
+        """Blocking: write a verified piece (runs on a worker thread)."""
+        if self._write is None:
+            raise RuntimeError("this piece store is read-only")
+        self._write(index, data)
+
+    def check_source(self, index: int) -> bool:
+        """Blocking: does the on-disk piece still match the manifest? (seeders only)."""
+        from roost.runtime.tree import read_piece
+
+        try:
+            data = read_piece(self.root, self.manifest, index)
+        except OSError:
+            return False
+        return hashlib.sha256(data).digest() == self.manifest.pieces[index]
+
+    def spans(self, index: int, offset: int, length: int) -> list[tuple[str, int, int]]:
+        """(path, file offset, length) runs covering ``length`` bytes at ``offset`` of a piece."""
+        runs = []
+        position = 0
+        for span in self.manifest.piece_spans(index):
+            start = max(offset, position)
+            end = min(offset + length, position + span.length)
+            if start < end:
+                path = os.path.join(self.root, span.file.path)
+                runs.append((path, span.offset + start - position, end - start))
+            position += span.length
+        return runs
+
+
+class _Download:
+    """One piece being received from one neighbour, block by block."""
+
+    def __init__(self, index: int, length: int) -> None:
+        self.index = index
+        self.buffer = bytearray(length)
+        self.outstanding: set[tuple[int, int]] = set()
+
+
+class Neighbour:
+    """One authenticated connection to another peer."""
+
+    def __init__(self, engine: Engine, sock: socket.socket, conn: Any, address: str) -> None:
+        self.engine = engine
+        self.sock = sock
+        self.conn = conn
+        self.address = address
+        self.peer_id: bytes = conn.remote_peer_id
+        self.has = bytearray(engine.manifest.piece_count)
+        self.downloads: dict[int, _Download] = {}
+        self.in_flight = 0
+        self.outbox: asyncio.Queue = asyncio.Queue()
+        self.uploads_cancelled: set[tuple[int, int, int]] = set()
+        self.closed = False
+        self.last_received = engine.clock()
+
+    @property
+    def is_origin(self) -> bool:
+        return self.peer_id in self.engine.seeder_ids
+
+
+class Engine:
+    def __init__(
+        self,
+        manifest: Manifest,
+        pieces: Pieces,
+        config: EngineConfig,
+        *,
+        on_complete: Callable[[], None] | None = None,
+        on_progress: Callable[[Engine], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.manifest = manifest
+        self.pieces = pieces
+        self.config = config
+        self.clock = clock
+        self.rng = rng or random.Random()
+        self.on_complete = on_complete
+        self.on_progress = on_progress
+        self.swarm_id = bytes.fromhex(manifest.id)
+        self.stats = Stats(started=time.time())
+        count = manifest.piece_count
+        self.missing = bytearray(0 if h else 1 for h in pieces.have)
+        self.requested = [0] * count
+        self.availability = [0] * count
+        self.neighbours: dict[bytes, Neighbour] = {}
+        self.banned: set[bytes] = set()
+        self.seeder_ids: set[bytes] = set()
+        self.dialing: set[tuple[str, int]] = set()
+        self.retry_at: dict[tuple[str, int], tuple[float, int]] = {}
+        self.known: dict[tuple[str, int], bytes | None] = {a: None for a in config.peers}
+        self.port = 0
+        self.swarm_complete = False
+        self._tasks: set[asyncio.Task] = set()
+        self._done = asyncio.Event()
+        self._progress = asyncio.Event()
+        self._workers = ThreadPoolExecutor(max_workers=2, thread_name_prefix="roost-io")
+        self._files: dict[str, Any] = {}
+        self._upload_limit = TokenBucket(config.upload_rate) if config.upload_rate else None
+        self._download_limit = TokenBucket(config.download_rate) if config.download_rate else None
+        self._last_progress = self.clock()
+        self._failure: BaseException | None = None
+        self._finishing = False
+        self.completed = pieces.complete
+
+    # -- lifecycle ------------------------------------------------------------------
+
+    async def run(self) -> Stats:
+        """Exchange pieces until we hold the release (seeders: until stopped), then linger."""
+        listener = socket.create_server((self.config.listen_host, self.config.listen_port))
+        listener.setblocking(False)
+        self.port = listener.getsockname()[1]
+        self._spawn(self._accept_loop(listener))
+        self._spawn(self._tracker_loop())
+        self._spawn(self._keepalive_loop())
+        self._dial_known()
+        try:
+            if not self.completed:
+                await self._wait_complete()
+            if not self.config.seeder:
+                await self._linger()
+            else:
+                await asyncio.Event().wait()  # a seeder serves until cancelled
+        finally:
+            await self._shutdown(listener)
+        return self.stats
+
+    async def _wait_complete(self) -> None:
+        while not self.completed:
+            if self._failure is not None:
+                raise self._failure
+            self._progress.clear()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._progress.wait(), timeout=1.0)
+            if self.clock() - self._last_progress > self.config.stall_timeout:
+                raise StalledError(
+                    f"no progress for {self.config.stall_timeout:.0f} s"
+                    f" ({self.missing.count(1)} of {self.manifest.piece_count} pieces missing)"
+                )
+
+    async def _linger(self) -> None:
+        deadline = self.clock() + self.config.linger
+        while self.clock() < deadline and not self.swarm_complete:
+            await asyncio.sleep(min(0.2, max(0.0, deadline - self.clock())))
+
+    async def _shutdown(self, listener: socket.socket) -> None:
+        listener.close()
+        for neighbour in list(self.neighbours.values()):
+            self._close(neighbour, "shutting down")
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.config.tracker:
+            with contextlib.suppress(announce.TrackerError):
+                await asyncio.get_running_loop().run_in_executor(
+                    None, self._announce_blocking, "stopped"
+                )
+        for f in self._files.values():
+            f.close()
+        self._workers.shutdown(wait=True)
+
+    def _spawn(self, coro: Any) -> asyncio.Task:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task) -> None:
+        """A background task that fails (not one that is cancelled) fails the whole run."""
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None and self._failure is None:
+            self._failure = task.exception()
+            self._progress.set()
+
+    # -- tracker ----------------------------------------------------------------------
+
+    def _announce_blocking(self, event: str) -> announce.AnnounceResponse:
+        request = announce.AnnounceRequest(
+            swarm=self.manifest.id,
+            peer=self.config.peer_id.hex(),
+            addr=self.config.advertise_host or self.config.listen_host,
+            port=self.port,
+            rack=self.config.rack,
+            seeder=self.config.seeder,
+            have=self.manifest.piece_count - self.missing.count(1),
+            pieces=self.manifest.piece_count,
+            uploaded=self.stats.uploaded,
+            downloaded=self.stats.downloaded,
+            downloaded_from_origin=self.stats.from_origin,
+            event=event,
+            time=time.time(),
+        )
+        key = announce.tracker_key(self.config.secret, self.manifest.id)
+        return announce.announce(self.config.tracker, announce.sign_request(request, key))
+
+    async def _tracker_loop(self) -> None:
+        if not self.config.tracker:
+            return
+        loop = asyncio.get_running_loop()
+        attempt = 0
+        event = "completed" if self.completed else "started"
+        reported_complete = self.completed
+        while True:
+            try:
+                response = await loop.run_in_executor(None, self._announce_blocking, event)
+            except announce.TrackerError as exc:
+                delay = announce.backoff_delay(attempt, self.rng)
+                attempt += 1
+                log.info("tracker unavailable (%s); retrying in %.1f s", exc, delay)
+                await self._sleep_or_complete(delay, reported_complete)
+                if self.completed and not reported_complete:
+                    event, reported_complete = "completed", True
+                continue
+            attempt = 0
+            self.swarm_complete = response.swarm_complete
+            for peer in response.peers:
+                address = (peer.addr, peer.port)
+                peer_id = bytes.fromhex(peer.peer)
+                if peer.seeder:
+                    self.seeder_ids.add(peer_id)
+                if peer_id != self.config.peer_id:
+                    self.known[address] = peer_id
+            self._dial_known()
+            event = "update"
+            interval = announce.jittered(response.interval, self.rng)
+            await self._sleep_or_complete(interval, reported_complete)
+            if self.completed and not reported_complete:
+                event, reported_complete = "completed", True
+
+    async def _sleep_or_complete(self, delay: float, reported_complete: bool) -> None:
+        """Sleep until the next announce, but announce completion at once."""
+        deadline = self.clock() + delay
+        while self.clock() < deadline:
+            if self.completed and not reported_complete:
+                return
+            await asyncio.sleep(min(0.1, deadline - self.clock()))
+
+    # -- connections ------------------------------------------------------------------
+
+    def _dial_known(self) -> None:
+        now = self.clock()
+        connected = {n.peer_id for n in self.neighbours.values()}
+        for address, peer_id in self.known.items():
+            if len(self.neighbours) + len(self.dialing) >= self.config.max_connections:
+                return
+            if peer_id is not None and (peer_id in connected or peer_id in self.banned):
+                continue
+            if address in self.dialing or self.retry_at.get(address, (0.0, 0))[0] > now:
+                continue
+            if self.completed and peer_id in self.seeder_ids:
+                continue  # complete peers have nothing to fetch from the origin
+            self.dialing.add(address)
+            self._spawn(self._dial(address))
+
+    async def _dial(self, address: tuple[str, int]) -> None:
+        loop = asyncio.get_running_loop()
+        sock = socket.socket(socket.AF_INET6 if ":" in address[0] else socket.AF_INET)
+        sock.setblocking(False)
+        try:
+            await asyncio.wait_for(loop.sock_connect(sock, address), CONNECT_TIMEOUT)
+            await self._serve(sock, wire.Role.INITIATOR, f"{address[0]}:{address[1]}")
+            self.retry_at.pop(address, None)
+        except (OSError, asyncio.TimeoutError) as exc:
+            sock.close()
+            _, failures = self.retry_at.get(address, (0.0, 0))
+            delay = min(RETRY_CAP, RETRY_BASE * 2**failures) * (0.5 + self.rng.random())
+            self.retry_at[address] = (self.clock() + delay, failures + 1)
+            log.debug("cannot connect to %s:%s (%s); retry in %.1f s", *address, exc, delay)
+            self._spawn(self._redial_later(delay))
+        finally:
+            self.dialing.discard(address)
+
+    async def _redial_later(self, delay: float) -> None:
+        await asyncio.sleep(delay)
+        self._dial_known()
+
+    async def _accept_loop(self, listener: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            sock, address = await loop.sock_accept(listener)
+            sock.setblocking(False)
+            if len(self.neighbours) >= self.config.max_connections:
+                sock.close()
+                continue
+            self._spawn(self._serve(sock, wire.Role.RESPONDER, f"{address[0]}:{address[1]}"))
+
+    async def _serve(self, sock: socket.socket, role: Any, address: str) -> None:
+        """Handshake, then run one connection until it closes."""
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        conn = wire.PeerConnection.for_manifest(
+            self.manifest, role=role, peer_id=self.config.peer_id, secret=self.config.secret
+        )
+        loop = asyncio.get_running_loop()
+        buffer = bytearray(RECV_CHUNK)
+        try:
+            await loop.sock_sendall(sock, conn.initiate())
+            pending = await asyncio.wait_for(self._handshake(sock, conn, buffer), CONNECT_TIMEOUT)
+        except (OSError, asyncio.TimeoutError, wire.ProtocolError) as exc:
+            log.info("handshake with %s failed: %s", address, exc)
+            sock.close()
+            return
+        peer_id = conn.remote_peer_id
+        if peer_id in self.banned or peer_id in self.neighbours or peer_id == self.config.peer_id:
+            sock.close()
+            return
+        neighbour = Neighbour(self, sock, conn, address)
+        self.neighbours[peer_id] = neighbour
+        held = (i for i, has in enumerate(self.pieces.have) if has)
+        neighbour.outbox.put_nowait(wire.Bitfield.from_pieces(held, self.manifest.piece_count))
+        writer = self._spawn(self._write_loop(neighbour))
+        try:
+            for event in pending:
+                self._handle(neighbour, event)
+            await self._read_loop(neighbour, buffer)
+        except wire.ProtocolError as exc:
+            log.warning("closing %s: protocol error: %s", address, exc)
+        except OSError as exc:
+            log.info("connection to %s lost: %s", address, exc)
+        finally:
+            writer.cancel()
+            self._close(neighbour, "connection ended")
+
+    async def _handshake(self, sock: socket.socket, conn: Any, buffer: bytearray) -> list[Any]:
+        """Run the mutual authentication; return events that arrived right behind it."""
+        loop = asyncio.get_running_loop()
+        while not conn.authenticated:
+            event = conn.next_event()
+            if event is wire.NEED_DATA:
+                n = await loop.sock_recv_into(sock, buffer)
+                conn.receive_data(bytes(buffer[:n]))
+            elif isinstance(event, wire.Hello):
+                await loop.sock_sendall(sock, conn.send_auth())
+            elif isinstance(event, wire.ConnectionClosed):
+                raise OSError("connection closed during the handshake")
+        events = []
+        while True:
+            event = conn.next_event()
+            if event is wire.NEED_DATA:
+                return events
+            events.append(event)
+
+    async def _read_loop(self, neighbour: Neighbour, buffer: bytearray) -> None:
+        loop = asyncio.get_running_loop()
+        view = memoryview(buffer)
+        while not neighbour.closed:
+            n = await asyncio.wait_for(loop.sock_recv_into(neighbour.sock, buffer), IDLE_TIMEOUT)
+            neighbour.last_received = self.clock()
+            neighbour.conn.receive_data(bytes(view[:n]))
+            if n and self._download_limit is not None:
+                await self._download_limit.consume(n)
+            while True:
+                event = neighbour.conn.next_event()
+                if event is wire.NEED_DATA:
+                    break
+                if isinstance(event, wire.ConnectionClosed):
+                    return
+                self._handle(neighbour, event)
+
+    async def _write_loop(self, neighbour: Neighbour) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            while True:
+                item = await neighbour.outbox.get()
+                if isinstance(item, _Upload):
+                    await self._send_upload(neighbour, item)
+                else:
+                    await loop.sock_sendall(neighbour.sock, neighbour.conn.send(item))
+        except (OSError, wire.ProtocolError, wire.LocalProtocolError) as exc:
+            log.info("sending to %s failed: %s", neighbour.address, exc)
+            self._close(neighbour, "send failed")
+
+    async def _send_upload(self, neighbour: Neighbour, upload: _Upload) -> None:
+        key = (upload.piece, upload.offset, upload.length)
+        loop = asyncio.get_running_loop()
+        if key in neighbour.uploads_cancelled:  # every request gets one answer: a Reject here
+            neighbour.uploads_cancelled.discard(key)
+            await loop.sock_sendall(neighbour.sock, neighbour.conn.send(wire.Reject(*key)))
+            return
+        if self.pieces.checked is not None and not self.pieces.checked[upload.piece]:
+            ok = await loop.run_in_executor(self._workers, self.pieces.check_source, upload.piece)
+            if not ok:
+                log.error("source data of piece %d no longer matches the manifest", upload.piece)
+                await loop.sock_sendall(neighbour.sock, neighbour.conn.send(wire.Reject(*key)))
+                return
+            self.pieces.checked[upload.piece] = 1
+        if self._upload_limit is not None:
+            await self._upload_limit.consume(upload.length)
+        header = neighbour.conn.send_block_header(*key)
+        await loop.sock_sendall(neighbour.sock, header)
+        for path, offset, length in self.pieces.spans(*key):
+            await loop.sock_sendfile(neighbour.sock, self._file(path), offset, length)
+            neighbour.conn.payload_written(length)
+        self.stats.uploaded += upload.length
+
+    def _file(self, path: str) -> Any:
+        f = self._files.get(path)
+        if f is None:
+            if len(self._files) >= 256:
+                self._files.pop(next(iter(self._files))).close()
+            f = self._files[path] = open(path, "rb")  # noqa: SIM115 (cached, closed on shutdown)
+        return f
+
+    async def _keepalive_loop(self) -> None:
+        while True:
+            await asyncio.sleep(KEEPALIVE_INTERVAL)
+            for neighbour in list(self.neighbours.values()):
+                if neighbour.outbox.empty():
+                    neighbour.outbox.put_nowait(wire.KeepAlive())
+
+    def _close(self, neighbour: Neighbour, reason: str) -> None:
+        if neighbour.closed:
+            return
+        neighbour.closed = True
+        log.debug("closing %s: %s", neighbour.address, reason)
+        if self.neighbours.get(neighbour.peer_id) is neighbour:
+            del self.neighbours[neighbour.peer_id]
+        for index, has in enumerate(neighbour.has):
+            if has:
+                self.availability[index] -= 1
+        for index in neighbour.downloads:
+            self.requested[index] -= 1
+        neighbour.downloads.clear()
+        with contextlib.suppress(OSError):
+            neighbour.sock.close()
+        self._refill_all()
+        self._dial_known()
+
+    # -- protocol events --------------------------------------------------------------
+
+    def _handle(self, neighbour: Neighbour, event: Any) -> None:
+        if isinstance(event, wire.Block):
+            self._on_block(neighbour, event)
+        elif isinstance(event, wire.Have):
+            self._mark_has(neighbour, [event.piece])
+            self._refill(neighbour)
+        elif isinstance(event, wire.Bitfield):
+            self._mark_has(neighbour, event.pieces())
+            self._refill(neighbour)
+        elif isinstance(event, wire.Request):
+            if self.pieces.have[event.piece]:
+                neighbour.outbox.put_nowait(_Upload(event.piece, event.offset, event.length))
+            else:
+                neighbour.outbox.put_nowait(wire.Reject(event.piece, event.offset, event.length))
+        elif isinstance(event, wire.Cancel):
+            request = wire.Request(event.piece, event.offset, event.length)
+            if request in neighbour.conn.their_requests:  # not answered yet: answer with Reject
+                neighbour.uploads_cancelled.add((event.piece, event.offset, event.length))
+        elif isinstance(event, wire.Reject):
+            self._on_reject(neighbour, event.piece)
+        elif isinstance(event, wire.Goodbye):
+            log.debug("%s said goodbye: %s", neighbour.address, event.reason)
+
+    def _mark_has(self, neighbour: Neighbour, indexes: Iterable[int]) -> None:
+        for index in indexes:
+            if not neighbour.has[index]:
+                neighbour.has[index] = 1
+                self.availability[index] += 1
+
+    def _on_reject(self, neighbour: Neighbour, index: int) -> None:
+        download = neighbour.downloads.pop(index, None)
+        if download is not None:
+            self.requested[index] -= 1
+            neighbour.in_flight -= len(download.buffer)
+        if neighbour.has[index]:
+            neighbour.has[index] = 0  # don't ask it again for this piece
+            self.availability[index] -= 1
+        self._refill_all()
+
+    def _on_block(self, neighbour: Neighbour, block: Any) -> None:
+        download = neighbour.downloads.get(block.piece)
+        key = (block.offset, len(block.data))
+        if download is None or key not in download.outstanding:
+            return  # a block we cancelled, arriving late
+        download.buffer[block.offset : block.offset + len(block.data)] = block.data
+        download.outstanding.discard(key)
+        if download.outstanding:
+            return
+        del neighbour.downloads[block.piece]
+        neighbour.in_flight -= len(download.buffer)
+        self._spawn(self._complete_piece(neighbour, download))
+
+    async def _complete_piece(self, neighbour: Neighbour, download: _Download) -> None:
+        index = download.index
+        loop = asyncio.get_running_loop()
+        data = bytes(download.buffer)
+        ok = await loop.run_in_executor(self._workers, _verify, data, self.manifest.pieces[index])
+        self.requested[index] -= 1
+        if not ok:
+            self.stats.bad_pieces += 1
+            self.stats.banned += 1
+            self.banned.add(neighbour.peer_id)
+            log.warning("piece %d from %s failed verification: banned", index, neighbour.address)
+            self._close(neighbour, "sent a corrupt piece")
+            return
+        if not self.missing[index]:
+            self._refill(neighbour)
+            return  # an endgame duplicate that lost the race
+        self.missing[index] = 0
+        await loop.run_in_executor(self._workers, self.pieces.store, index, data)
+        self.pieces.have[index] = 1
+        length = len(data)
+        self.stats.downloaded += length
+        if neighbour.is_origin:
+            self.stats.from_origin += length
+        else:
+            self.stats.from_peers += length
+        self._last_progress = self.clock()
+        for other in list(self.neighbours.values()):
+            stale = other.downloads.pop(index, None)
+            if stale is not None:
+                self.requested[index] -= 1
+                other.in_flight -= len(stale.buffer)
+                for offset, size in stale.outstanding:
+                    other.outbox.put_nowait(wire.Cancel(index, offset, size))
+            other.outbox.put_nowait(wire.Have(index))
+        if self.pieces.complete and not self._finishing:
+            await self._finish()
+        else:
+            self._refill_all()
+        if self.on_progress is not None:
+            self.on_progress(self)
+        self._progress.set()
+
+    async def _finish(self) -> None:
+        """Every piece is verified and written: publish the release (once)."""
+        self._finishing = True
+        if self.on_complete is not None:
+            await asyncio.get_running_loop().run_in_executor(self._workers, self.on_complete)
+        self.completed = True
+        self.stats.completed = time.time()
+        for neighbour in list(self.neighbours.values()):
+            if neighbour.is_origin:
+                self._close(neighbour, "complete")
+
+    # -- requesting -------------------------------------------------------------------
+
+    def _refill_all(self) -> None:
+        for neighbour in list(self.neighbours.values()):
+            self._refill(neighbour)
+
+    def _refill(self, neighbour: Neighbour) -> None:
+        """Keep enough requests in flight to this neighbour to fill the link."""
+        if self.completed or neighbour.closed:
+            return
+        target = max(self.config.in_flight_bytes, 2 * self.manifest.piece_size)
+        room = target - neighbour.in_flight
+        if room <= 0:
+            return
+        count = max(1, room // self.manifest.piece_size)
+        chosen = picker.pick_pieces(
+            self.missing, neighbour.has, self.requested, self.availability, count, self.rng
+        )
+        if not chosen:
+            chosen = picker.pick_endgame(
+                self.missing,
+                neighbour.has,
+                self.requested,
+                set(neighbour.downloads),
+                self.availability,
+                count,
+                self.rng,
+            )
+        cancelled = {r.piece for r in neighbour.conn.our_cancelled_requests}
+        for index in chosen:
+            if index not in cancelled:  # its earlier request is still being answered
+                self._request(neighbour, index)
+
+    def _request(self, neighbour: Neighbour, index: int) -> None:
+        length = self.manifest.piece_length(index)
+        download = _Download(index, length)
+        for offset in range(0, length, wire.MAX_BLOCK):
+            size = min(wire.MAX_BLOCK, length - offset)
+            download.outstanding.add((offset, size))
+            neighbour.outbox.put_nowait(wire.Request(index, offset, size))
+        neighbour.downloads[index] = download
+        neighbour.in_flight += length
+        self.requested[index] += 1
+
+
+@dataclass(frozen=True)
+class _Upload:
+    piece: int
+    offset: int
+    length: int
+
+
+class StalledError(Exception):
+    """No piece arrived for too long: no source holds what we miss, or none is reachable."""
+
+
+def _verify(data: bytes, digest: bytes) -> bool:
+    return hashlib.sha256(data).digest() == digest

@@ -1,0 +1,73 @@
+"""Which pieces to ask a neighbour for: pure functions over plain data.
+
+The engine calls ``pick_pieces`` whenever a neighbour has room for more
+requests. Pieces come rarest-first among our neighbours, with random
+tie-breaks, so different peers fetch different pieces from the origin and can
+trade them at once; a piece only the origin holds is by construction the
+rarest, so requests to the origin go to pieces nobody else can serve.
+
+When every piece we still need is already requested from someone (the
+endgame), ``pick_endgame`` lets an idle neighbour duplicate requests for pieces
+in flight elsewhere, so the last pieces never wait on one slow neighbour; the
+first copy to arrive wins and the others are cancelled.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+
+# How many neighbours may be asked for the same piece at once in the endgame.
+ENDGAME_MAX_DUPLICATES = 2
+
+
+def pick_pieces(
+    missing: Sequence[int],
+    neighbour_has: Sequence[int],
+    requested: Sequence[int],
+    availability: Sequence[int],
+    count: int,
+    rng: random.Random,
+) -> list[int]:
+    """Up to ``count`` pieces to request from one neighbour, rarest first.
+
+    ``missing[i]`` is true while we still need piece *i*, ``neighbour_has[i]``
+    when this neighbour holds it, ``requested[i]`` counts requests for it in
+    flight to anyone, and ``availability[i]`` counts neighbours that hold it.
+    """
+    if count <= 0:
+        return []
+    candidates = [
+        i
+        for i, (need, has, asked) in enumerate(zip(missing, neighbour_has, requested))
+        if need and has and not asked
+    ]
+    return _rarest(candidates, availability, count, rng)
+
+
+def pick_endgame(
+    missing: Sequence[int],
+    neighbour_has: Sequence[int],
+    requested: Sequence[int],
+    asked_of_neighbour: set[int],
+    availability: Sequence[int],
+    count: int,
+    rng: random.Random,
+) -> list[int]:
+    """Pieces already in flight elsewhere that this neighbour could race for."""
+    if count <= 0:
+        return []
+    candidates = [
+        i
+        for i, (need, has, asked) in enumerate(zip(missing, neighbour_has, requested))
+        if need and has and 0 < asked < ENDGAME_MAX_DUPLICATES and i not in asked_of_neighbour
+    ]
+    return _rarest(candidates, availability, count, rng)
+
+
+def _rarest(
+    candidates: list[int], availability: Sequence[int], count: int, rng: random.Random
+) -> list[int]:
+    rng.shuffle(candidates)  # random order among equally rare pieces (sort is stable)
+    candidates.sort(key=availability.__getitem__)
+    return candidates[:count]

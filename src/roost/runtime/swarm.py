@@ -1,0 +1,162 @@
+"""Joining a swarm from one host: fetch a release into a store, or seed one from a tree.
+
+The glue between the peer engine and the store: a fetch downloads into a
+staging area, and once every piece is verified the release is checked,
+published and (optionally) activated — then the host keeps serving it to the
+others for the linger window.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+import time
+
+from roost.runtime.errors import RoostError
+from roost.runtime.manifest import Manifest
+from roost.runtime.peer import Engine, EngineConfig, Pieces, StalledError, Stats
+from roost.runtime.store import Release, Store, check_release_name
+
+SECRET_BYTES = 32
+
+
+def read_secret(path: str | None) -> bytes:
+    """The swarm secret, from a file (hex text) or ``ROOST_SECRET``; never from argv."""
+    text = None
+    source = path or os.environ.get("ROOST_SECRET_FILE")
+    if source:
+        try:
+            with open(source, encoding="ascii") as f:
+                text = f.read()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise RoostError(f"cannot read the swarm secret from {source}: {exc}") from None
+    elif os.environ.get("ROOST_SECRET"):
+        text = os.environ["ROOST_SECRET"]
+    if text is None:
+        raise RoostError("no swarm secret: pass --secret-file FILE or set ROOST_SECRET_FILE")
+    try:
+        secret = bytes.fromhex(text.strip())
+    except ValueError:
+        raise RoostError("the swarm secret must be hex text") from None
+    if len(secret) < 16:
+        raise RoostError("the swarm secret is too short (at least 16 bytes of hex)")
+    return secret
+
+
+def write_secret(path: str) -> bytes:
+    """Create a fresh random swarm secret in a file only its owner can read."""
+    secret = os.urandom(SECRET_BYTES)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(secret.hex() + "\n")
+    return secret
+
+
+class EventLog:
+    """Newline-delimited JSON events on stdout, for a controller that watches this host."""
+
+    def __init__(self, enabled: bool, interval: float = 0.2) -> None:
+        self.enabled = enabled
+        self.interval = interval
+        self._last = 0.0
+        self._reported_complete = False
+
+    def emit(self, event: str, **fields: object) -> None:
+        if not self.enabled:
+            return
+        sys.stdout.write(json.dumps({"event": event, "time": time.time(), **fields}) + "\n")
+        sys.stdout.flush()
+
+    def progress(self, engine: Engine) -> None:
+        now = time.monotonic()
+        have = engine.manifest.piece_count - engine.missing.count(1)
+        if now - self._last < self.interval and have < engine.manifest.piece_count:
+            return
+        self._last = now
+        self.emit(
+            "progress", have=have, pieces=engine.manifest.piece_count, **_counts(engine.stats)
+        )
+        if engine.completed and not self._reported_complete:
+            self._reported_complete = True
+            self.emit("complete", already_installed=False, **_counts(engine.stats))
+
+
+def _counts(stats: Stats) -> dict[str, int]:
+    return {
+        "downloaded": stats.downloaded,
+        "from_origin": stats.from_origin,
+        "from_peers": stats.from_peers,
+        "uploaded": stats.uploaded,
+        "bad_pieces": stats.bad_pieces,
+    }
+
+
+def fetch(
+    manifest: Manifest,
+    store: Store,
+    config: EngineConfig,
+    *,
+    name: str | None = None,
+    activate: bool = False,
+    keep: int | None = None,
+    events: EventLog | None = None,
+) -> tuple[Release, Stats]:
+    """Download ``manifest``'s release from the swarm into ``store``; serve it for a while."""
+    events = events or EventLog(False)
+    name = check_release_name(name or manifest.short_id)
+    with store.locked():  # also clears what interrupted runs left behind
+        existing = store.find(manifest.id)
+    if existing is not None and existing.name == name:
+        pieces = Pieces(os.path.join(store.releases_dir, name), manifest, complete=True)
+        with store.locked():
+            _activate_and_prune(store, name, activate, keep)
+        events.emit("complete", already_installed=True, **_counts(Stats()))
+        stats = _run(Engine(manifest, pieces, config), events)
+        return existing, stats
+    staging = store.stage(manifest)
+    published: list[Release] = []
+
+    def publish() -> None:
+        staging.finish()
+        with store.locked():
+            release = store.commit(staging, name)
+            _activate_and_prune(store, name, activate, keep)
+        pieces.root = os.path.join(store.releases_dir, name)
+        published.append(release)
+
+    pieces = Pieces(staging.root, manifest, complete=False, write=staging.write_verified_piece)
+    engine = Engine(manifest, pieces, config, on_complete=publish, on_progress=events.progress)
+    try:
+        stats = _run(engine, events)
+    finally:
+        if not published:
+            staging.abandon()
+    return published[0], stats
+
+
+def seed(manifest: Manifest, root: str, config: EngineConfig) -> Stats:
+    """Serve a release straight from its source tree until interrupted."""
+    if not os.path.isdir(root):
+        raise RoostError(f"{root} is not a directory")
+    config.seeder = True
+    pieces = Pieces(root, manifest, complete=True)
+    return _run(Engine(manifest, pieces, config), EventLog(False))
+
+
+def _activate_and_prune(store: Store, name: str, activate: bool, keep: int | None) -> None:
+    if activate:
+        store.activate(name)
+    if keep is not None:
+        store.prune(keep)
+
+
+def _run(engine: Engine, events: EventLog) -> Stats:
+    try:
+        stats = asyncio.run(engine.run())
+    except StalledError as exc:
+        events.emit("error", message=str(exc))
+        raise RoostError(f"download stalled: {exc}") from None
+    events.emit("done", **_counts(stats))
+    return stats
