@@ -72,6 +72,12 @@ def check_release_name(name: str) -> str:
     return name
 
 
+def check_keep(keep: int) -> int:
+    if keep < 1:
+        raise StoreError("--keep must be at least 1")
+    return keep
+
+
 class Store:
     """One destination directory holding releases and the ``current`` link."""
 
@@ -104,6 +110,11 @@ class Store:
             raise StoreError(f"{store.dest} exists and is not a directory")
         os.makedirs(store.dest, exist_ok=True)
         leftovers = [n for n in os.listdir(store.dest) if not store._is_init_leftover(n)]
+        if leftovers and os.path.isfile(marker):
+            # Another roost process made the store meanwhile (it writes the marker
+            # before anything else appears), e.g. two first installs at once.
+            store._check_marker(marker)
+            return store
         if leftovers and not force:
             raise StoreError(
                 f"{store.dest} exists, is not empty and is not a roost store; refusing to touch"
@@ -183,6 +194,13 @@ class Store:
                 ".tmp"
             ):
                 os.unlink(self._meta("meta", entry))
+        live_ids = {r.id for r in self.releases()}
+        for entry in os.listdir(self._meta("manifests")):
+            if entry not in live_ids:  # also the .tmp of an interrupted write
+                os.unlink(self._meta("manifests", entry))
+        for entry in os.listdir(self.meta_dir):
+            if entry.startswith("history.json.") and entry.endswith(".tmp"):
+                os.unlink(self._meta(entry))
         current = self.current_name()
         history = self._history()
         if current is not None and (not history or history[-1] != current):
@@ -244,7 +262,12 @@ class Store:
     # -- changes ----------------------------------------------------------------------
 
     def stage(self, manifest: Manifest) -> Staging:
-        """A private staging directory to fill with ``manifest``'s verified pieces."""
+        """A private staging directory to fill with ``manifest``'s verified pieces.
+
+        Call under the lock: between creating its lock file and locking it, a
+        concurrent ``recover`` would take the new staging area for a dead one.
+        The staging area may then be filled after the lock is released.
+        """
         return Staging(self, manifest)
 
     def commit(self, staging: Staging, name: str) -> Release:
@@ -291,8 +314,7 @@ class Store:
 
     def prune(self, keep: int) -> list[str]:
         """Delete all but the ``keep`` newest releases, never the current or previous one."""
-        if keep < 1:
-            raise StoreError("--keep must be at least 1")
+        check_keep(keep)
         protected = {self.current_name(), self.previous_name()}
         releases = self.releases()
         doomed = [r for r in releases[: max(0, len(releases) - keep)] if r.name not in protected]
@@ -348,7 +370,11 @@ class Staging:
         fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
         self.root = base
         self.have = bytearray(manifest.piece_count)
-        self._prepare()
+        try:
+            self._prepare()
+        except BaseException:
+            self.abandon()
+            raise
 
     def _prepare(self) -> None:
         """Create every directory and every file at its final size, empty."""
@@ -464,16 +490,19 @@ def install(
     A release the store already holds under ``name`` is not fetched again.
     """
     name = check_release_name(name or manifest.short_id)
-    with store.locked():  # also clears what interrupted runs left behind
-        release = store._read_meta(name)
-    if release is not None and release.id != manifest.id:
-        raise StoreError(
-            f"release name {name!r} is already used by release {release.id[:12]};"
-            " choose another tag"
-        )
+    if keep is not None:
+        check_keep(keep)
     with ExitStack() as cleanup:
+        with store.locked():  # also clears what interrupted runs left behind
+            release = store._read_meta(name)
+            if release is not None and release.id != manifest.id:
+                raise StoreError(
+                    f"release name {name!r} is already used by release {release.id[:12]};"
+                    " choose another tag"
+                )
+            if release is None:
+                staging = cleanup.enter_context(store.stage(manifest))
         if release is None:
-            staging = cleanup.enter_context(store.stage(manifest))
             fill_from(staging, source, progress)
             staging.finish()
         with store.locked():
