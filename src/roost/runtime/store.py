@@ -182,6 +182,8 @@ class Store:
         for entry in os.listdir(staging):
             if entry.endswith(".lock"):
                 _remove_dead_staging(os.path.join(staging, entry))
+            elif entry.endswith(".newborn"):  # killed before its lock file got its name
+                _remove_unlocked(os.path.join(staging, entry))
         trash = self._meta("trash")
         for entry in os.listdir(trash):
             _remove_path(os.path.join(trash, entry))
@@ -264,9 +266,7 @@ class Store:
     def stage(self, manifest: Manifest) -> Staging:
         """A private staging directory to fill with ``manifest``'s verified pieces.
 
-        Call under the lock: between creating its lock file and locking it, a
-        concurrent ``recover`` would take the new staging area for a dead one.
-        The staging area may then be filled after the lock is released.
+        Needs no store lock: the staging area is held by its own lock file.
         """
         return Staging(self, manifest)
 
@@ -364,10 +364,15 @@ class Staging:
         token = f"{manifest.short_id}.{secrets.token_hex(6)}"
         base = store._meta("staging", token)
         self._lock_path = base + ".lock"
+        # The lock file appears under its final name already locked (created under a
+        # temporary name, locked, then renamed), so ``recover`` never mistakes a
+        # staging area being born for a dead one.
+        newborn = base + ".newborn"
         self._lock_fd: int | None = os.open(
-            self._lock_path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644
+            newborn, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644
         )
         fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
+        os.rename(newborn, self._lock_path)
         self.root = base
         self.have = bytearray(manifest.piece_count)
         try:
@@ -546,6 +551,21 @@ def _remove_dead_staging(lock_path: str) -> None:
         if _try_flock(fd):
             _remove_path(lock_path[: -len(".lock")])
             os.unlink(lock_path)
+    finally:
+        os.close(fd)
+
+
+def _remove_unlocked(path: str, min_age: float = 60.0) -> None:
+    """Delete a file nobody holds an flock on (and that is not being born right now)."""
+    try:
+        if time.time() - os.lstat(path).st_mtime < min_age:
+            return
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return
+    try:
+        if _try_flock(fd):
+            os.unlink(path)
     finally:
         os.close(fd)
 

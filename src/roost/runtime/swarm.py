@@ -17,7 +17,7 @@ import time
 from roost.runtime.errors import RoostError
 from roost.runtime.manifest import Manifest
 from roost.runtime.peer import Engine, EngineConfig, Pieces, StalledError, Stats
-from roost.runtime.store import Release, Store, check_release_name
+from roost.runtime.store import Release, Store, check_keep, check_release_name
 
 SECRET_BYTES = 32
 
@@ -106,6 +106,8 @@ def fetch(
     """Download ``manifest``'s release from the swarm into ``store``; serve it for a while."""
     events = events or EventLog(False)
     name = check_release_name(name or manifest.short_id)
+    if keep is not None:
+        check_keep(keep)
     with store.locked():  # also clears what interrupted runs left behind
         existing = store.find(manifest.id)
     if existing is not None and existing.name == name:
