@@ -15,6 +15,7 @@ from roost.deploy.local import LocalDeploy, deploy_local
 from roost.deploy.report import JsonReporter, PlainReporter, Reporter, RichReporter
 from roost.runtime.cli import build_parser, parse_size, run
 from roost.runtime.errors import RoostError
+from roost.tracker.service import add_tracker_command
 
 
 def add_controller_commands(commands: argparse._SubParsersAction) -> None:
@@ -76,6 +77,7 @@ def make_reporter(json_events: bool) -> Reporter:
 def main(argv: Sequence[str] | None = None) -> int:
     parser, commands = build_parser("roost")
     add_controller_commands(commands)
+    add_tracker_command(commands)
     return run(parser, argv)
 
 

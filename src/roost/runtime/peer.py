@@ -203,6 +203,7 @@ class Engine:
         self._progress = asyncio.Event()
         self._workers = ThreadPoolExecutor(max_workers=2, thread_name_prefix="roost-io")
         self._files: dict[str, Any] = {}
+        self._source_checks: dict[int, asyncio.Future] = {}
         self._upload_limit = TokenBucket(config.upload_rate) if config.upload_rate else None
         self._download_limit = TokenBucket(config.download_rate) if config.download_rate else None
         self._last_progress = self.clock()
@@ -484,7 +485,7 @@ class Engine:
             await loop.sock_sendall(neighbour.sock, neighbour.conn.send(wire.Reject(*key)))
             return
         if self.pieces.checked is not None and not self.pieces.checked[upload.piece]:
-            ok = await loop.run_in_executor(self._workers, self.pieces.check_source, upload.piece)
+            ok = await self._check_source(upload.piece)
             if not ok:
                 log.error("source data of piece %d no longer matches the manifest", upload.piece)
                 await loop.sock_sendall(neighbour.sock, neighbour.conn.send(wire.Reject(*key)))
@@ -498,6 +499,16 @@ class Engine:
             await loop.sock_sendfile(neighbour.sock, self._file(path), offset, length)
             neighbour.conn.payload_written(length)
         self.stats.uploaded += upload.length
+
+    def _check_source(self, index: int) -> asyncio.Future:
+        """Start (once) checking a seeder's on-disk piece; requests queue behind uploads,
+        so the check runs while earlier uploads are still being sent."""
+        check = self._source_checks.get(index)
+        if check is None:
+            loop = asyncio.get_running_loop()
+            check = loop.run_in_executor(self._workers, self.pieces.check_source, index)
+            self._source_checks[index] = check
+        return check
 
     def _file(self, path: str) -> Any:
         f = self._files.get(path)
@@ -545,6 +556,8 @@ class Engine:
             self._refill(neighbour)
         elif isinstance(event, wire.Request):
             if self.pieces.have[event.piece]:
+                if self.pieces.checked is not None and not self.pieces.checked[event.piece]:
+                    self._check_source(event.piece)
                 neighbour.outbox.put_nowait(_Upload(event.piece, event.offset, event.length))
             else:
                 neighbour.outbox.put_nowait(wire.Reject(event.piece, event.offset, event.length))
@@ -585,6 +598,7 @@ class Engine:
         del neighbour.downloads[block.piece]
         neighbour.in_flight -= len(download.buffer)
         self._spawn(self._complete_piece(neighbour, download))
+        self._refill(neighbour)  # keep the link busy while the piece is checked and written
 
     async def _complete_piece(self, neighbour: Neighbour, download: _Download) -> None:
         index = download.index

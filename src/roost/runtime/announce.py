@@ -1,0 +1,457 @@
+"""Talking to the tracker from a host: announce messages, their signatures, a small client.
+
+The wire format lives here, on the runtime side, and the tracker imports it, so
+both ends parse and validate with the same code. Everything except
+``announce``/``register_swarm``/``fetch_status`` is sans-I/O: build a request,
+sign it, parse a response. The client functions are blocking (``http.client``,
+no proxies, no redirects); the peer engine calls them from a thread.
+
+Authentication: a swarm's peers share a 32-byte secret. The tracker never sees
+it, only ``tracker_key = HMAC-SHA256(secret, b"roost-tracker-v1" + swarm id)``,
+and each announce carries ``X-Roost-Auth: hex(HMAC-SHA256(tracker_key, body))``
+over the exact body bytes. A message with a timestamp more than
+``MAX_CLOCK_SKEW`` seconds from the tracker's clock is refused, so a captured
+announce cannot be replayed later. See ``docs/tracker.md``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import http.client
+import ipaddress
+import json
+import math
+import random
+import re
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+from roost.runtime.errors import RoostError
+from roost.runtime.manifest import MAX_PIECES
+
+API = "/v1"
+KEY_CONTEXT = b"roost-tracker-v1"
+AUTH_HEADER = "X-Roost-Auth"
+SECRET_BYTES = 32
+MAX_CLOCK_SKEW = 300.0
+MAX_REQUEST_BYTES = 16 * 1024
+MAX_RESPONSE_BYTES = 64 * 1024 * 1024  # a status answer for a large fleet
+MAX_NEIGHBOURS = 1024
+MAX_INTERVAL = 24 * 3600
+MAX_COUNTER = (1 << 63) - 1  # fits a SQLite integer
+EVENTS = ("started", "update", "completed", "stopped")
+
+_SWARM_ID = re.compile(r"[0-9a-f]{64}")
+_PEER_ID = re.compile(r"[0-9a-f]{32}")
+_KEY_HEX = re.compile(r"[0-9a-f]{64}")
+_RACK = re.compile(r"[A-Za-z0-9._:/@+-]{1,64}")
+_HOSTNAME = re.compile(
+    r"(?=.{1,253}\Z)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+    r"(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?"
+)
+
+
+class TrackerError(RoostError):
+    """Something went wrong between a host and the tracker."""
+
+
+class TrackerUnavailable(TrackerError):
+    """The tracker cannot be reached or failed (connection, timeout, 5xx): retry later."""
+
+
+class TrackerRejected(TrackerError):
+    """The tracker understood the request and refused it (4xx); retrying unchanged won't help."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(f"tracker refused the request ({status}): {message}")
+        self.status = status
+        self.message = message
+
+
+class MalformedMessage(TrackerError):
+    """A request or response that does not follow the wire format."""
+
+
+# -- keys and signatures ------------------------------------------------------------------
+
+
+def tracker_key(secret: bytes, swarm: str) -> bytes:
+    """The key the tracker holds for a swarm: it proves peers know the secret without seeing it."""
+    if len(secret) != SECRET_BYTES:
+        raise ValueError(f"a swarm secret is {SECRET_BYTES} bytes, not {len(secret)}")
+    check_swarm_id(swarm)
+    return hmac.new(secret, KEY_CONTEXT + bytes.fromhex(swarm), hashlib.sha256).digest()
+
+
+def sign(key: bytes, body: bytes) -> str:
+    """The ``X-Roost-Auth`` value for a body: hex HMAC-SHA256 over the exact bytes sent."""
+    return hmac.new(key, body, hashlib.sha256).hexdigest()
+
+
+def verify(key: bytes, body: bytes, signature: str) -> bool:
+    """Constant-time check of an ``X-Roost-Auth`` value."""
+    supplied = signature.strip().lower().encode("utf-8", "replace")
+    return hmac.compare_digest(sign(key, body).encode("ascii"), supplied)
+
+
+# -- field validation ---------------------------------------------------------------------
+
+
+def check_swarm_id(value: object) -> str:
+    if not isinstance(value, str) or not _SWARM_ID.fullmatch(value):
+        raise MalformedMessage("swarm must be 64 lowercase hex digits (the release id)")
+    return value
+
+
+def check_peer_id(value: object) -> str:
+    if not isinstance(value, str) or not _PEER_ID.fullmatch(value):
+        raise MalformedMessage("peer must be 32 lowercase hex digits")
+    return value
+
+
+def check_key_hex(value: object) -> bytes:
+    if not isinstance(value, str) or not _KEY_HEX.fullmatch(value):
+        raise MalformedMessage("key must be 64 lowercase hex digits (a 32-byte tracker key)")
+    return bytes.fromhex(value)
+
+
+def check_addr(value: object) -> str:
+    if isinstance(value, str) and len(value) <= 253:
+        try:
+            return str(ipaddress.ip_address(value))
+        except ValueError:
+            if _HOSTNAME.fullmatch(value):
+                return value
+    raise MalformedMessage("addr must be an IP address or a host name")
+
+
+def check_rack(value: object) -> str | None:
+    if value is None or (isinstance(value, str) and _RACK.fullmatch(value)):
+        return value
+    raise MalformedMessage("rack must be null or 1-64 characters of [A-Za-z0-9._:/@+-]")
+
+
+def check_int(value: object, name: str, lo: int = 0, hi: int = MAX_COUNTER) -> int:
+    if type(value) is not int or not lo <= value <= hi:
+        raise MalformedMessage(f"{name} must be an integer in [{lo}, {hi}]")
+    return value
+
+
+def check_bool(value: object, name: str) -> bool:
+    if not isinstance(value, bool):
+        raise MalformedMessage(f"{name} must be true or false")
+    return value
+
+
+def check_time(value: object) -> float:
+    if type(value) not in (int, float) or not math.isfinite(value) or value < 0:  # type: ignore[arg-type]
+        raise MalformedMessage("time must be a non-negative number of unix seconds")
+    return float(value)  # type: ignore[arg-type]
+
+
+def _field(obj: dict[str, Any], name: str) -> Any:
+    if name not in obj:
+        raise MalformedMessage(f"missing field {name!r}")
+    return obj[name]
+
+
+def _load_object(body: bytes, what: str) -> dict[str, Any]:
+    try:
+        obj = json.loads(body.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise MalformedMessage(f"{what} is not valid JSON: {exc}") from None
+    if not isinstance(obj, dict):
+        raise MalformedMessage(f"{what} must be a JSON object")
+    return obj
+
+
+def _dump(obj: object) -> bytes:
+    return json.dumps(obj, separators=(",", ":"), sort_keys=True).encode("utf-8")
+
+
+# -- announce request ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AnnounceRequest:
+    """What a peer tells the tracker: who and where it is, what it holds, what happened."""
+
+    swarm: str
+    peer: str
+    addr: str
+    port: int
+    have: int
+    pieces: int
+    event: str
+    time: float
+    rack: str | None = None
+    seeder: bool = False
+    uploaded: int = 0
+    downloaded: int = 0
+    downloaded_from_origin: int | None = None
+
+    def __post_init__(self) -> None:
+        validate_request(self)
+
+    def to_json(self) -> dict[str, Any]:
+        obj: dict[str, Any] = {
+            "swarm": self.swarm,
+            "peer": self.peer,
+            "addr": self.addr,
+            "port": self.port,
+            "rack": self.rack,
+            "seeder": self.seeder,
+            "have": self.have,
+            "pieces": self.pieces,
+            "uploaded": self.uploaded,
+            "downloaded": self.downloaded,
+            "event": self.event,
+            "time": self.time,
+        }
+        if self.downloaded_from_origin is not None:
+            obj["downloaded_from_origin"] = self.downloaded_from_origin
+        return obj
+
+    @classmethod
+    def from_json(cls, obj: dict[str, Any]) -> AnnounceRequest:
+        """Strict on every known field; unknown fields are ignored (additive changes in /v1)."""
+        origin = obj.get("downloaded_from_origin")
+        return cls(
+            swarm=_field(obj, "swarm"),
+            peer=_field(obj, "peer"),
+            addr=_field(obj, "addr"),
+            port=_field(obj, "port"),
+            rack=_field(obj, "rack"),
+            seeder=_field(obj, "seeder"),
+            have=_field(obj, "have"),
+            pieces=_field(obj, "pieces"),
+            uploaded=_field(obj, "uploaded"),
+            downloaded=_field(obj, "downloaded"),
+            downloaded_from_origin=origin,
+            event=_field(obj, "event"),
+            time=check_time(_field(obj, "time")),
+        )
+
+
+def validate_request(req: AnnounceRequest) -> None:
+    """Raise ``MalformedMessage`` unless every field is well-formed and consistent."""
+    check_swarm_id(req.swarm)
+    check_peer_id(req.peer)
+    check_addr(req.addr)
+    check_int(req.port, "port", 1, 65535)
+    check_rack(req.rack)
+    check_bool(req.seeder, "seeder")
+    check_int(req.pieces, "pieces", 0, MAX_PIECES)
+    check_int(req.have, "have", 0, req.pieces)
+    check_int(req.uploaded, "uploaded")
+    check_int(req.downloaded, "downloaded")
+    if req.downloaded_from_origin is not None:
+        check_int(req.downloaded_from_origin, "downloaded_from_origin")
+    if req.event not in EVENTS:
+        raise MalformedMessage(f"event must be one of {', '.join(EVENTS)}")
+    check_time(req.time)
+    if req.seeder and req.have != req.pieces:
+        raise MalformedMessage("a seeder holds every piece (have == pieces)")
+    if req.event == "completed" and req.have != req.pieces:
+        raise MalformedMessage("a completed peer holds every piece (have == pieces)")
+
+
+@dataclass(frozen=True)
+class SignedAnnounce:
+    """An announce ready to send: the exact body bytes and their signature."""
+
+    body: bytes
+    signature: str
+
+    def headers(self) -> dict[str, str]:
+        return {"Content-Type": "application/json", AUTH_HEADER: self.signature}
+
+
+def sign_request(request: AnnounceRequest, key: bytes) -> SignedAnnounce:
+    body = _dump(request.to_json())
+    return SignedAnnounce(body, sign(key, body))
+
+
+def parse_request(body: bytes) -> AnnounceRequest:
+    """Decode an announce body (tracker side). Raises ``MalformedMessage`` with the reason."""
+    if len(body) > MAX_REQUEST_BYTES:
+        raise MalformedMessage(f"announce is larger than {MAX_REQUEST_BYTES} bytes")
+    return AnnounceRequest.from_json(_load_object(body, "announce"))
+
+
+# -- announce response --------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Neighbour:
+    """A peer the tracker suggests talking to."""
+
+    peer: str
+    addr: str
+    port: int
+    seeder: bool
+    have: int
+    rack: str | None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "peer": self.peer,
+            "addr": self.addr,
+            "port": self.port,
+            "seeder": self.seeder,
+            "have": self.have,
+            "rack": self.rack,
+        }
+
+    @classmethod
+    def from_json(cls, obj: object) -> Neighbour:
+        if not isinstance(obj, dict):
+            raise MalformedMessage("each neighbour must be a JSON object")
+        return cls(
+            peer=check_peer_id(_field(obj, "peer")),
+            addr=check_addr(_field(obj, "addr")),
+            port=check_int(_field(obj, "port"), "port", 1, 65535),
+            seeder=check_bool(_field(obj, "seeder"), "seeder"),
+            have=check_int(_field(obj, "have"), "have", 0, MAX_PIECES),
+            rack=check_rack(_field(obj, "rack")),
+        )
+
+
+@dataclass(frozen=True)
+class AnnounceResponse:
+    """The tracker's answer: neighbours, when to announce next, whether the swarm is done."""
+
+    peers: tuple[Neighbour, ...]
+    interval: int
+    swarm_complete: bool
+    stats: dict[str, int]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "peers": [n.to_json() for n in self.peers],
+            "interval": self.interval,
+            "swarm_complete": self.swarm_complete,
+            "stats": dict(self.stats),
+        }
+
+    def to_bytes(self) -> bytes:
+        return _dump(self.to_json())
+
+
+def parse_response(body: bytes) -> AnnounceResponse:
+    """Decode the tracker's answer to an announce. Raises ``MalformedMessage``."""
+    obj = _load_object(body, "announce response")
+    peers = _field(obj, "peers")
+    if not isinstance(peers, list) or len(peers) > MAX_NEIGHBOURS:
+        raise MalformedMessage(f"peers must be a list of at most {MAX_NEIGHBOURS} neighbours")
+    stats = _field(obj, "stats")
+    if not isinstance(stats, dict) or not all(
+        isinstance(k, str) and type(v) is int for k, v in stats.items()
+    ):
+        raise MalformedMessage("stats must map names to integers")
+    return AnnounceResponse(
+        peers=tuple(Neighbour.from_json(p) for p in peers),
+        interval=check_int(_field(obj, "interval"), "interval", 1, MAX_INTERVAL),
+        swarm_complete=check_bool(_field(obj, "swarm_complete"), "swarm_complete"),
+        stats=stats,
+    )
+
+
+# -- retry timing -------------------------------------------------------------------------
+
+
+def backoff_delay(
+    attempt: int, rng: random.Random, *, base: float = 0.5, cap: float = 30.0
+) -> float:
+    """Seconds to wait before retry ``attempt`` (0 = first retry) after a failed announce.
+
+    Exponential and capped, with "equal jitter" (a uniform draw in the upper half
+    of the window): never zero, so a host does not hammer a dead tracker, and
+    spread out, so a fleet that lost its tracker at once does not return at once.
+    """
+    if attempt < 0:
+        raise ValueError("attempt must be >= 0")
+    window = min(cap, base * 2.0 ** min(attempt, 64))
+    return window / 2 + rng.random() * window / 2
+
+
+def jittered(interval: float, rng: random.Random, spread: float = 0.1) -> float:
+    """The interval the tracker asked for, ±``spread``, so announces do not arrive in lockstep."""
+    return interval * (1 - spread + 2 * spread * rng.random())
+
+
+# -- blocking client ----------------------------------------------------------------------
+
+
+def announce(url: str, request: SignedAnnounce, timeout: float = 10.0) -> AnnounceResponse:
+    """POST a signed announce to the tracker at ``url`` (e.g. ``http://10.0.0.1:6969``)."""
+    body = _http(url, "POST", f"{API}/announce", request.body, request.headers(), timeout)
+    return parse_response(body)
+
+
+def register_swarm(
+    url: str,
+    admin_token: str,
+    swarm: str,
+    key: bytes,
+    *,
+    expected_peers: int | None = None,
+    timeout: float = 10.0,
+) -> dict[str, Any]:
+    """Register a swarm (and its tracker key) with the tracker; idempotent for the same key."""
+    payload: dict[str, Any] = {"swarm": check_swarm_id(swarm), "key": key.hex()}
+    if expected_peers is not None:
+        payload["expected_peers"] = check_int(expected_peers, "expected_peers")
+    headers = {"Content-Type": "application/json", "Authorization": f"Bearer {admin_token}"}
+    body = _http(url, "POST", f"{API}/swarms", _dump(payload), headers, timeout)
+    return _load_object(body, "registration response")
+
+
+def fetch_status(url: str, swarm: str | None = None, timeout: float = 10.0) -> dict[str, Any]:
+    """The tracker's view of every swarm (or of one): peers, progress, completion."""
+    path = f"{API}/swarms/{check_swarm_id(swarm)}" if swarm else f"{API}/status"
+    return _load_object(_http(url, "GET", path, None, {}, timeout), "status response")
+
+
+def _http(
+    url: str,
+    method: str,
+    path: str,
+    body: bytes | None,
+    headers: dict[str, str],
+    timeout: float,
+) -> bytes:
+    """One request on a fresh connection; failures become ``TrackerUnavailable``/``Rejected``."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise TrackerError(f"not a tracker URL: {url!r} (try http://HOST:PORT)")
+    cls = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+    conn = cls(parts.hostname, parts.port, timeout=timeout)
+    try:
+        conn.request(method, parts.path.rstrip("/") + path, body=body, headers=headers)
+        response = conn.getresponse()
+        data = response.read(MAX_RESPONSE_BYTES + 1)
+    except (OSError, http.client.HTTPException) as exc:
+        raise TrackerUnavailable(f"tracker {url} unreachable: {exc or type(exc).__name__}") from exc
+    finally:
+        conn.close()
+    if len(data) > MAX_RESPONSE_BYTES:
+        raise MalformedMessage(f"tracker answer larger than {MAX_RESPONSE_BYTES} bytes")
+    if response.status >= 500 or response.status == 429:
+        raise TrackerUnavailable(f"tracker {url} failed ({response.status}): {_reason(data)}")
+    if response.status >= 400:
+        raise TrackerRejected(response.status, _reason(data))
+    return data
+
+
+def _reason(data: bytes) -> str:
+    """The ``error`` message of a JSON error body, else the start of the body."""
+    try:
+        obj = json.loads(data.decode("utf-8"))
+        if isinstance(obj, dict) and isinstance(obj.get("error"), str):
+            return obj["error"]
+    except (UnicodeDecodeError, ValueError):
+        pass
+    return data[:200].decode("utf-8", "replace").strip() or "no details"
