@@ -350,7 +350,7 @@ class Manifest:
             raise ManifestError("manifest must be a JSON object")
         if obj.get("format") != FORMAT:
             raise ManifestError(f"not a roost manifest (format is {_show(obj.get('format'))})")
-        if obj.get("version") != VERSION:
+        if not _is_int(obj.get("version")) or obj.get("version") != VERSION:
             raise ManifestError(
                 f"unsupported manifest version {_show(obj.get('version'))}"
                 f" (this roost reads version {VERSION})"
@@ -373,7 +373,7 @@ class Manifest:
             pieces=[bytes.fromhex(p) for p in pieces],
             external_symlinks=obj["external_symlinks"],
         )
-        if obj["total_size"] != manifest.total_size:
+        if not _is_int(obj["total_size"]) or obj["total_size"] != manifest.total_size:
             raise ManifestError(
                 f"total_size says {obj['total_size']!r} but the files add up to"
                 f" {manifest.total_size}"
