@@ -164,6 +164,11 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
     if not args.tracker and not args.peer and not getattr(args, "src", None):
         raise RoostError("nowhere to fetch from: give --tracker URL or --peer HOST:PORT")
     host, port = args.listen
+    if host in ("0.0.0.0", "::", "") and not args.advertise and args.tracker:
+        raise RoostError(
+            f"listening on every address ({host}): tell peers where to reach this host"
+            " with --advertise ADDR"
+        )
     return EngineConfig(
         secret=read_secret(args.secret_file),
         listen_host=host,

@@ -41,6 +41,7 @@ IDLE_TIMEOUT = 60.0
 KEEPALIVE_INTERVAL = 15.0
 RETRY_BASE = 0.5
 RETRY_CAP = 30.0
+REJECT_PAUSE = 1.0  # seconds before re-asking a neighbour that rejected a request
 
 
 @dataclass
@@ -157,6 +158,7 @@ class Neighbour:
         self.in_flight = 0
         self.outbox: asyncio.Queue = asyncio.Queue()
         self.uploads_cancelled: set[tuple[int, int, int]] = set()
+        self.refused: set[int] = set()  # pieces a seeder told this neighbour to get elsewhere
         self.closed = False
         self.last_received = engine.clock()
 
@@ -190,6 +192,7 @@ class Engine:
         self.missing = bytearray(0 if h else 1 for h in pieces.have)
         self.requested = [0] * count
         self.availability = [0] * count
+        self.uploads = [0] * count  # times we answered a request for each piece (seeders)
         self.neighbours: dict[bytes, Neighbour] = {}
         self.banned: set[bytes] = set()
         self.seeder_ids: set[bytes] = set()
@@ -321,13 +324,13 @@ class Engine:
                 continue
             attempt = 0
             self.swarm_complete = response.swarm_complete
-            for peer in response.peers:
-                address = (peer.addr, peer.port)
+            self.known = {address: None for address in self.config.peers}
+            for peer in response.peers:  # only the latest hand-out is dialled
                 peer_id = bytes.fromhex(peer.peer)
                 if peer.seeder:
                     self.seeder_ids.add(peer_id)
                 if peer_id != self.config.peer_id:
-                    self.known[address] = peer_id
+                    self.known[(peer.addr, peer.port)] = peer_id
             self._dial_known()
             event = "update"
             interval = announce.jittered(response.interval, self.rng)
@@ -555,7 +558,7 @@ class Engine:
             self._mark_has(neighbour, event.pieces())
             self._refill(neighbour)
         elif isinstance(event, wire.Request):
-            if self.pieces.have[event.piece]:
+            if self.pieces.have[event.piece] and self._serve_as_origin(neighbour, event.piece):
                 if self.pieces.checked is not None and not self.pieces.checked[event.piece]:
                     self._check_source(event.piece)
                 neighbour.outbox.put_nowait(_Upload(event.piece, event.offset, event.length))
@@ -570,6 +573,17 @@ class Engine:
         elif isinstance(event, wire.Goodbye):
             log.debug("%s said goodbye: %s", neighbour.address, event.reason)
 
+    def _serve_as_origin(self, neighbour: Neighbour, index: int) -> bool:
+        """Seeders spend their upload on pieces nobody holds yet (see picker)."""
+        if not self.config.seeder:
+            return True
+        refused = index in neighbour.refused
+        if picker.origin_should_serve(self.uploads[index], refused):
+            self.uploads[index] += 1
+            return True
+        neighbour.refused.add(index)
+        return False
+
     def _mark_has(self, neighbour: Neighbour, indexes: Iterable[int]) -> None:
         for index in indexes:
             if not neighbour.has[index]:
@@ -582,9 +596,17 @@ class Engine:
             self.requested[index] -= 1
             neighbour.in_flight -= len(download.buffer)
         if neighbour.has[index]:
-            neighbour.has[index] = 0  # don't ask it again for this piece
+            neighbour.has[index] = 0  # ask others first; this one again after a pause
             self.availability[index] -= 1
+            asyncio.get_running_loop().call_later(
+                REJECT_PAUSE, self._restore_after_reject, neighbour, index
+            )
         self._refill_all()
+
+    def _restore_after_reject(self, neighbour: Neighbour, index: int) -> None:
+        if not neighbour.closed and self.missing[index]:
+            self._mark_has(neighbour, [index])
+            self._refill(neighbour)
 
     def _on_block(self, neighbour: Neighbour, block: Any) -> None:
         download = neighbour.downloads.get(block.piece)

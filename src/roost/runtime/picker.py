@@ -71,3 +71,16 @@ def _rarest(
     rng.shuffle(candidates)  # random order among equally rare pieces (sort is stable)
     candidates.sort(key=availability.__getitem__)
     return candidates[:count]
+
+
+def origin_should_serve(uploads_of_piece: int, refused_this_requester: bool) -> bool:
+    """Whether a seeder answers a request for a piece with data or with a Reject.
+
+    The origin's upload is the swarm's scarcest resource: a piece it has
+    already sent (or is sending) to one peer will soon be held by that peer
+    and is better fetched from it, so the origin's bandwidth goes to pieces
+    nobody has yet. It refuses such a piece only once per requester: a
+    requester that asks again (because it cannot reach any holder) is served,
+    so nobody can stall on a refusal.
+    """
+    return uploads_of_piece == 0 or refused_this_requester
