@@ -139,6 +139,7 @@ async def _run_host(
             except ValueError:
                 continue
             host.apply(event, time.monotonic() - started)
+            host.activated = host.completed_after is not None  # fetch runs with --activate
             reporter.update(host)
         code = await process.wait()
     if code != 0 and host.state != "failed":

@@ -35,6 +35,8 @@ class HostState:
     uploaded: int = 0
     completed_after: float | None = None
     error: str | None = None
+    activated: bool = False
+    hook: str | None = None  # "exit N: last line" of the post-activation hook
 
     def apply(self, event: dict[str, Any], elapsed: float) -> None:
         """Fold one JSON event from the host's ``roost fetch --events`` into this state."""
@@ -182,18 +184,22 @@ class RichReporter(Reporter):
 
 def render_table(console: Console, hosts: list[HostState], elapsed: float) -> None:
     table = Table(title=f"roost deploy: {elapsed:.1f} s")
-    for column in ("host", "result", "time", "from origin", "from peers", "uploaded", "error"):
-        table.add_column(column, justify="right" if column in ("time",) else "left")
+    columns = ["host", "result", "time", "from origin", "from peers", "current"]
+    with_hook = any(h.hook for h in hosts)
+    columns += ["hook"] if with_hook else []
+    for column in [*columns, "error"]:
+        table.add_column(column, justify="right" if column == "time" else "left")
     for host in hosts:
-        table.add_row(
+        row = [
             host.name,
             "ok" if host.ok else host.state,
             f"{host.completed_after:.2f} s" if host.completed_after is not None else "-",
             format_size(host.from_origin),
             format_size(host.from_peers),
-            format_size(host.uploaded),
-            host.error or "",
-        )
+            "switched" if host.activated else "unchanged",
+        ]
+        row += [host.hook or ""] if with_hook else []
+        table.add_row(*row, host.error or "")
     console.print(table)
     failed = [h for h in hosts if not h.ok]
     if failed:
@@ -202,3 +208,13 @@ def render_table(console: Console, hosts: list[HostState], elapsed: float) -> No
         )
     else:
         console.print(f"all {len(hosts)} hosts hold the verified release")
+
+
+def render_results(console: Console, what: str, hosts: list[HostState]) -> None:
+    """The outcome of a one-shot fleet command (rollback, cleanup), host by host."""
+    table = Table(title=f"roost {what}")
+    for column in ("host", "result", "detail"):
+        table.add_column(column)
+    for host in hosts:
+        table.add_row(host.name, "ok" if host.ok else "FAILED", host.error or host.hook or "")
+    console.print(table)

@@ -11,18 +11,21 @@ import argparse
 import json
 import os
 import re
+import signal
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from typing import Callable
 
 from roost import __version__
 from roost.runtime.errors import RoostError
-from roost.runtime.manifest import load_manifest
+from roost.runtime.manifest import Manifest, load_manifest
 from roost.runtime.pack import DEFAULT_EXCLUDES, pack
 from roost.runtime.peer import EngineConfig
+from roost.runtime.pidfile import recorded_process
 from roost.runtime.store import Store, check_keep, check_release_name, install
-from roost.runtime.swarm import EventLog, fetch, read_secret, seed
+from roost.runtime.swarm import EventLog, fetch, read_bootstrap, read_secret, seed
 from roost.runtime.tree import TreeSource, verify_tree
 
 Handler = Callable[[argparse.Namespace], int]
@@ -88,10 +91,16 @@ def add_host_commands(commands: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=cmd_releases)
 
     p = commands.add_parser("fetch", help="download a release from its swarm into DEST")
-    p.add_argument("manifest", metavar="MANIFEST")
+    p.add_argument("manifest", metavar="MANIFEST", nargs="?")
     add_store_options(p)
     add_swarm_options(p)
     p.add_argument("--events", action="store_true", help="JSON progress events on stdout")
+    p.add_argument(
+        "--bootstrap-stdin",
+        action="store_true",
+        help="read the swarm secret and the manifest from stdin (as roost deploy sends them)"
+        " and stop when stdin closes",
+    )
     p.set_defaults(handler=cmd_fetch)
 
     p = commands.add_parser("seed", help="serve a release to its swarm from its source tree")
@@ -160,7 +169,7 @@ def add_swarm_options(p: argparse.ArgumentParser) -> None:
     )
 
 
-def engine_config(args: argparse.Namespace) -> EngineConfig:
+def engine_config(args: argparse.Namespace, secret: bytes | None = None) -> EngineConfig:
     if not args.tracker and not args.peer and not getattr(args, "src", None):
         raise RoostError("nowhere to fetch from: give --tracker URL or --peer HOST:PORT")
     host, port = args.listen
@@ -170,7 +179,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
             " with --advertise ADDR"
         )
     return EngineConfig(
-        secret=read_secret(args.secret_file),
+        secret=secret if secret is not None else read_secret(args.secret_file),
         listen_host=host,
         listen_port=port,
         advertise_host=args.advertise,
@@ -308,22 +317,31 @@ def cmd_releases(args: argparse.Namespace) -> int:
 
 
 def cmd_fetch(args: argparse.Namespace) -> int:
-    manifest = load_manifest(args.manifest)
-    config = engine_config(args)
+    if args.bootstrap_stdin:
+        secret, data = read_bootstrap(sys.stdin.buffer)
+        manifest = Manifest.from_bytes(data)
+        config = engine_config(args, secret)
+    elif args.manifest is None:
+        raise RoostError("fetch needs a MANIFEST (or --bootstrap-stdin)")
+    else:
+        manifest = load_manifest(args.manifest)
+        config = engine_config(args)
     if args.tag is not None:
         check_release_name(args.tag)
     if args.keep is not None:
         check_keep(args.keep)
     store = Store.open(args.dest, create=True, force=args.force)
-    release, stats = fetch(
-        manifest,
-        store,
-        config,
-        name=args.tag,
-        activate=args.activate,
-        keep=args.keep,
-        events=EventLog(args.events),
-    )
+    with recorded_process():
+        release, stats = fetch(
+            manifest,
+            store,
+            config,
+            name=args.tag,
+            activate=args.activate,
+            keep=args.keep,
+            events=EventLog(args.events),
+            stop_on_eof=sys.stdin.buffer if args.bootstrap_stdin else None,
+        )
     if not args.events:
         print(
             f"fetched release {manifest.short_id} into {store.releases_dir}/{release.name}:"
@@ -338,7 +356,8 @@ def cmd_seed(args: argparse.Namespace) -> int:
     manifest = load_manifest(args.manifest)
     config = engine_config(args)
     print(f"seeding release {manifest.short_id} from {args.src}", file=sys.stderr)
-    seed(manifest, args.src, config)
+    with recorded_process():
+        seed(manifest, args.src, config)
     return 0
 
 
@@ -416,10 +435,17 @@ class Progress:
             sys.stderr.write("\n")
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def run(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> int:
     """Parse and run one command; operator mistakes become one line on stderr, not a trace."""
     args = parser.parse_args(argv)
     handler: Handler = args.handler
+    if threading.current_thread() is threading.main_thread():
+        # SIGTERM unwinds like Ctrl-C, so staging areas and pid records are cleaned up.
+        signal.signal(signal.SIGTERM, _interrupt)
     try:
         return handler(args)
     except RoostError as exc:

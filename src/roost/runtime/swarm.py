@@ -12,11 +12,13 @@ import asyncio
 import json
 import os
 import sys
+import threading
 import time
+from typing import BinaryIO
 
 from roost.runtime.errors import RoostError
 from roost.runtime.manifest import Manifest
-from roost.runtime.peer import Engine, EngineConfig, Pieces, StalledError, Stats
+from roost.runtime.peer import Engine, EngineConfig, Pieces, StalledError, Stats, StoppedError
 from roost.runtime.store import Release, Store, check_keep, check_release_name
 
 SECRET_BYTES = 32
@@ -43,6 +45,21 @@ def read_secret(path: str | None) -> bytes:
     if len(secret) < 16:
         raise RoostError("the swarm secret is too short (at least 16 bytes of hex)")
     return secret
+
+
+def read_bootstrap(stream: BinaryIO) -> tuple[bytes, bytes]:
+    """(secret, manifest bytes) as ``roost deploy`` sends them on a peer's stdin:
+    one JSON line ``{"secret": hex, "manifest_bytes": n}``, then the manifest."""
+    try:
+        header = json.loads(stream.readline(4096))
+        secret = bytes.fromhex(header["secret"])
+        size = int(header["manifest_bytes"])
+    except (ValueError, KeyError, TypeError):
+        raise RoostError("malformed bootstrap on stdin") from None
+    data = stream.read(size)
+    if len(data) != size:
+        raise RoostError("stdin closed before the manifest was complete")
+    return secret, data
 
 
 def write_secret(path: str) -> bytes:
@@ -102,8 +119,14 @@ def fetch(
     activate: bool = False,
     keep: int | None = None,
     events: EventLog | None = None,
+    stop_on_eof: BinaryIO | None = None,
 ) -> tuple[Release, Stats]:
-    """Download ``manifest``'s release from the swarm into ``store``; serve it for a while."""
+    """Download ``manifest``'s release from the swarm into ``store``; serve it for a while.
+
+    With ``stop_on_eof``, the end of that stream (the controller closed our
+    stdin, or its SSH connection died) stops the peer: an unfinished download
+    is abandoned, a finished one stops lingering.
+    """
     events = events or EventLog(False)
     name = check_release_name(name or manifest.short_id)
     if keep is not None:
@@ -115,7 +138,7 @@ def fetch(
         with store.locked():
             _activate_and_prune(store, name, activate, keep)
         events.emit("complete", already_installed=True, **_counts(Stats()))
-        stats = _run(Engine(manifest, pieces, config), events)
+        stats = _run(Engine(manifest, pieces, config), events, stop_on_eof)
         return existing, stats
     staging = store.stage(manifest)
     published: list[Release] = []
@@ -131,7 +154,7 @@ def fetch(
     pieces = Pieces(staging.root, manifest, complete=False, write=staging.write_verified_piece)
     engine = Engine(manifest, pieces, config, on_complete=publish, on_progress=events.progress)
     try:
-        stats = _run(engine, events)
+        stats = _run(engine, events, stop_on_eof)
     finally:
         if not published:
             staging.abandon()
@@ -154,11 +177,26 @@ def _activate_and_prune(store: Store, name: str, activate: bool, keep: int | Non
         store.prune(keep)
 
 
-def _run(engine: Engine, events: EventLog) -> Stats:
+def _run(engine: Engine, events: EventLog, stop_on_eof: BinaryIO | None = None) -> Stats:
+    async def main() -> Stats:
+        if stop_on_eof is not None:
+            loop = asyncio.get_running_loop()
+
+            def watch() -> None:
+                while stop_on_eof.read(65536):
+                    pass
+                loop.call_soon_threadsafe(engine.stop)
+
+            threading.Thread(target=watch, name="roost-stdin", daemon=True).start()
+        return await engine.run()
+
     try:
-        stats = asyncio.run(engine.run())
+        stats = asyncio.run(main())
     except StalledError as exc:
         events.emit("error", message=str(exc))
         raise RoostError(f"download stalled: {exc}") from None
+    except StoppedError as exc:
+        events.emit("error", message=str(exc))
+        raise RoostError(f"{exc}: the controller went away") from None
     events.emit("done", **_counts(stats))
     return stats

@@ -1,0 +1,58 @@
+"""The runtime zipapp shipped to target hosts: ``roost.runtime`` as one file.
+
+Built deterministically (sorted entries, fixed timestamps and modes), so the
+same roost version always gives the same bytes and the same sha256; hosts
+cache it under that hash and are sent nothing when they already hold it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import zipfile
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import roost
+
+_FIXED_TIME = (2020, 1, 1, 0, 0, 0)
+_MAIN = b"""\
+import sys
+from roost.runtime.cli import build_parser, run
+parser, _ = build_parser("roost-runtime")
+sys.exit(run(parser))
+"""
+
+
+@dataclass(frozen=True)
+class RuntimeBundle:
+    data: bytes
+    sha256: str
+
+    @property
+    def name(self) -> str:
+        return f"roost-runtime-{roost.__version__}-{self.sha256[:16]}.pyz"
+
+
+@lru_cache(maxsize=1)
+def runtime_bundle() -> RuntimeBundle:
+    """The zipapp of this roost's runtime (built once per process)."""
+    package = Path(roost.__file__).resolve().parent
+    sources = [package / "__init__.py", *sorted((package / "runtime").glob("*.py"))]
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        _add(archive, "__main__.py", _MAIN)
+        for path in sources:
+            if path.name == "__main__.py":
+                continue
+            _add(archive, path.relative_to(package.parent).as_posix(), path.read_bytes())
+    data = buffer.getvalue()
+    return RuntimeBundle(data, hashlib.sha256(data).hexdigest())
+
+
+def _add(archive: zipfile.ZipFile, name: str, data: bytes) -> None:
+    info = zipfile.ZipInfo(name, date_time=_FIXED_TIME)
+    info.external_attr = 0o644 << 16
+    info.compress_type = zipfile.ZIP_DEFLATED
+    archive.writestr(info, data)
