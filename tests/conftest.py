@@ -14,6 +14,9 @@ from roost.runtime.pack import pack
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 
+# The network-namespace fleet of SSH hosts (tests/fleet.py): fixtures fleet, fleet_factory.
+pytest_plugins = ["fleet"]
+
 
 def write_tree(root: Path, spec: dict[str, object]) -> Path:
     """Create files from ``{"a/b.txt": b"data", "run.sh": (b"#!", 0o755),
