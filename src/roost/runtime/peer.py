@@ -30,6 +30,7 @@ from typing import Any, Callable
 
 from roost.runtime import announce, picker
 from roost.runtime import protocol as wire
+from roost.runtime.errors import IntegrityError
 from roost.runtime.manifest import Manifest
 from roost.runtime.ratelimit import TokenBucket
 
@@ -117,7 +118,7 @@ class Pieces:
 
         try:
             data = read_piece(self.root, self.manifest, index)
-        except OSError:
+        except (OSError, IntegrityError):  # read_piece: missing, unreadable or truncated file
             return False
         return hashlib.sha256(data).digest() == self.manifest.pieces[index]
 
@@ -159,6 +160,8 @@ class Neighbour:
         self.outbox: asyncio.Queue = asyncio.Queue()
         self.uploads_cancelled: set[tuple[int, int, int]] = set()
         self.refused: set[int] = set()  # pieces a seeder told this neighbour to get elsewhere
+        self.requests_queued = 0  # Requests in the outbox, not yet in the protocol's ledger
+        self.short_of_slots = False  # _refill held back: refill again as answers come in
         self.closed = False
         self.last_received = engine.clock()
 
@@ -199,11 +202,13 @@ class Engine:
         self.dialing: set[tuple[str, int]] = set()
         self.retry_at: dict[tuple[str, int], tuple[float, int]] = {}
         self.known: dict[tuple[str, int], bytes | None] = {a: None for a in config.peers}
+        self.dialled: dict[tuple[str, int], bytes] = {}  # who answered at a dialled address
+        self._closing = False  # set by _shutdown: no new dials
         self.port = 0
         self.swarm_complete = False
         self._tasks: set[asyncio.Task] = set()
-        self._done = asyncio.Event()
-        self._progress = asyncio.Event()
+        self._progress: asyncio.Event | None = None  # made in run(): 3.9 binds it to a loop
+        self._stop_requested = False
         self._workers = ThreadPoolExecutor(max_workers=2, thread_name_prefix="roost-io")
         self._files: dict[str, Any] = {}
         self._source_checks: dict[int, asyncio.Future] = {}
@@ -218,6 +223,7 @@ class Engine:
 
     async def run(self) -> Stats:
         """Exchange pieces until we hold the release (seeders: until stopped), then linger."""
+        self._progress = asyncio.Event()
         listener = socket.create_server((self.config.listen_host, self.config.listen_port))
         listener.setblocking(False)
         self.port = listener.getsockname()[1]
@@ -231,15 +237,27 @@ class Engine:
             if not self.config.seeder:
                 await self._linger()
             else:
-                await asyncio.Event().wait()  # a seeder serves until cancelled
+                while not self._stop_requested:  # a seeder serves until stopped
+                    await asyncio.sleep(0.2)
         finally:
             await self._shutdown(listener)
         return self.stats
+
+    def stop(self) -> None:
+        """Stop soon: end the linger (or a seeder's service), or give up an unfinished fetch.
+
+        Call it on the engine's loop (``loop.call_soon_threadsafe(engine.stop)``).
+        """
+        self._stop_requested = True
+        if self._progress is not None:
+            self._progress.set()
 
     async def _wait_complete(self) -> None:
         while not self.completed:
             if self._failure is not None:
                 raise self._failure
+            if self._stop_requested:
+                raise StoppedError("stopped before the release was complete")
             self._progress.clear()
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._progress.wait(), timeout=1.0)
@@ -251,10 +269,11 @@ class Engine:
 
     async def _linger(self) -> None:
         deadline = self.clock() + self.config.linger
-        while self.clock() < deadline and not self.swarm_complete:
+        while self.clock() < deadline and not self.swarm_complete and not self._stop_requested:
             await asyncio.sleep(min(0.2, max(0.0, deadline - self.clock())))
 
     async def _shutdown(self, listener: socket.socket) -> None:
+        self._closing = True
         listener.close()
         for neighbour in list(self.neighbours.values()):
             self._close(neighbour, "shutting down")
@@ -354,6 +373,7 @@ class Engine:
         for address, peer_id in self.known.items():
             if len(self.neighbours) + len(self.dialing) >= self.config.max_connections:
                 return
+            peer_id = peer_id or self.dialled.get(address)  # static --peer entries have no id
             if peer_id is not None and (peer_id in connected or peer_id in self.banned):
                 continue
             if address in self.dialing or self.retry_at.get(address, (0.0, 0))[0] > now:
@@ -367,19 +387,26 @@ class Engine:
         loop = asyncio.get_running_loop()
         sock = socket.socket(socket.AF_INET6 if ":" in address[0] else socket.AF_INET)
         sock.setblocking(False)
+        useful = False
         try:
             await asyncio.wait_for(loop.sock_connect(sock, address), CONNECT_TIMEOUT)
-            await self._serve(sock, wire.Role.INITIATOR, f"{address[0]}:{address[1]}")
-            self.retry_at.pop(address, None)
+            useful = await self._serve(
+                sock, wire.Role.INITIATOR, f"{address[0]}:{address[1]}", address
+            )
         except (OSError, asyncio.TimeoutError) as exc:
             sock.close()
-            _, failures = self.retry_at.get(address, (0.0, 0))
-            delay = min(RETRY_CAP, RETRY_BASE * 2**failures) * (0.5 + self.rng.random())
-            self.retry_at[address] = (self.clock() + delay, failures + 1)
-            log.debug("cannot connect to %s:%s (%s); retry in %.1f s", *address, exc, delay)
-            self._spawn(self._redial_later(delay))
+            log.debug("cannot connect to %s:%s (%s)", *address, exc)
         finally:
             self.dialing.discard(address)
+        if self._closing:
+            return
+        # Failed, refused or over: dial again later, backing off unless the session moved
+        # data. Without a tracker nothing else would ever dial a static --peer again;
+        # _dial_known skips it meanwhile if it is connected (it dialled us) or banned.
+        _, failures = (0.0, 0) if useful else self.retry_at.get(address, (0.0, 0))
+        delay = min(RETRY_CAP, RETRY_BASE * 2**failures) * (0.5 + self.rng.random())
+        self.retry_at[address] = (self.clock() + delay, failures + 1)
+        self._spawn(self._redial_later(delay))
 
     async def _redial_later(self, delay: float) -> None:
         await asyncio.sleep(delay)
@@ -395,8 +422,14 @@ class Engine:
                 continue
             self._spawn(self._serve(sock, wire.Role.RESPONDER, f"{address[0]}:{address[1]}"))
 
-    async def _serve(self, sock: socket.socket, role: Any, address: str) -> None:
-        """Handshake, then run one connection until it closes."""
+    async def _serve(
+        self,
+        sock: socket.socket,
+        role: Any,
+        address: str,
+        dialled: tuple[str, int] | None = None,
+    ) -> bool:
+        """Handshake, then run one connection until it closes; did it move any block data?"""
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         conn = wire.PeerConnection.for_manifest(
             self.manifest, role=role, peer_id=self.config.peer_id, secret=self.config.secret
@@ -409,11 +442,13 @@ class Engine:
         except (OSError, asyncio.TimeoutError, wire.ProtocolError) as exc:
             log.info("handshake with %s failed: %s", address, exc)
             sock.close()
-            return
+            return False
         peer_id = conn.remote_peer_id
+        if dialled is not None:
+            self.dialled[dialled] = peer_id
         if peer_id in self.banned or peer_id in self.neighbours or peer_id == self.config.peer_id:
             sock.close()
-            return
+            return False
         neighbour = Neighbour(self, sock, conn, address)
         self.neighbours[peer_id] = neighbour
         held = (i for i, has in enumerate(self.pieces.have) if has)
@@ -425,11 +460,19 @@ class Engine:
             await self._read_loop(neighbour, buffer)
         except wire.ProtocolError as exc:
             log.warning("closing %s: protocol error: %s", address, exc)
-        except OSError as exc:
+        except (OSError, asyncio.TimeoutError) as exc:  # not an OSError before Python 3.11
             log.info("connection to %s lost: %s", address, exc)
         finally:
             writer.cancel()
             self._close(neighbour, "connection ended")
+            try:
+                await asyncio.wait([writer])
+            finally:
+                # Closed only now that neither loop waits on it: closing a socket that
+                # asyncio still watches leaves its fd registered, and the next socket
+                # given that fd number would never be woken (see _close).
+                sock.close()
+        return bool(conn.block_bytes_received or conn.block_bytes_sent)
 
     async def _handshake(self, sock: socket.socket, conn: Any, buffer: bytearray) -> list[Any]:
         """Run the mutual authentication; return events that arrived right behind it."""
@@ -455,6 +498,8 @@ class Engine:
         view = memoryview(buffer)
         while not neighbour.closed:
             n = await asyncio.wait_for(loop.sock_recv_into(neighbour.sock, buffer), IDLE_TIMEOUT)
+            if neighbour.closed:
+                return  # we closed it (_close): what is left of the stream does not matter
             neighbour.last_received = self.clock()
             neighbour.conn.receive_data(bytes(view[:n]))
             if n and self._download_limit is not None:
@@ -466,6 +511,8 @@ class Engine:
                 if isinstance(event, wire.ConnectionClosed):
                     return
                 self._handle(neighbour, event)
+            if neighbour.short_of_slots:  # answers (some never become events) freed slots
+                self._refill(neighbour)
 
     async def _write_loop(self, neighbour: Neighbour) -> None:
         loop = asyncio.get_running_loop()
@@ -475,7 +522,10 @@ class Engine:
                 if isinstance(item, _Upload):
                     await self._send_upload(neighbour, item)
                 else:
-                    await loop.sock_sendall(neighbour.sock, neighbour.conn.send(item))
+                    frame = neighbour.conn.send(item)
+                    if isinstance(item, wire.Request):
+                        neighbour.requests_queued -= 1
+                    await loop.sock_sendall(neighbour.sock, frame)
         except (OSError, wire.ProtocolError, wire.LocalProtocolError) as exc:
             log.info("sending to %s failed: %s", neighbour.address, exc)
             self._close(neighbour, "send failed")
@@ -488,7 +538,9 @@ class Engine:
             await loop.sock_sendall(neighbour.sock, neighbour.conn.send(wire.Reject(*key)))
             return
         if self.pieces.checked is not None and not self.pieces.checked[upload.piece]:
-            ok = await self._check_source(upload.piece)
+            # Shielded: the check is shared by every upload of this piece, and this upload
+            # being cancelled (its requester left) must not cancel it for the others.
+            ok = await asyncio.shield(self._check_source(upload.piece))
             if not ok:
                 log.error("source data of piece %d no longer matches the manifest", upload.piece)
                 await loop.sock_sendall(neighbour.sock, neighbour.conn.send(wire.Reject(*key)))
@@ -542,7 +594,9 @@ class Engine:
             self.requested[index] -= 1
         neighbour.downloads.clear()
         with contextlib.suppress(OSError):
-            neighbour.sock.close()
+            # Shut down, don't close: this wakes the read and write loops (EOF, EPIPE), and
+            # _serve closes the socket once they have let go of it.
+            neighbour.sock.shutdown(socket.SHUT_RDWR)
         self._refill_all()
         self._dial_known()
 
@@ -630,8 +684,9 @@ class Engine:
         self.requested[index] -= 1
         if not ok:
             self.stats.bad_pieces += 1
-            self.stats.banned += 1
-            self.banned.add(neighbour.peer_id)
+            if neighbour.peer_id not in self.banned:  # several bad pieces may be in flight
+                self.stats.banned += 1
+                self.banned.add(neighbour.peer_id)
             log.warning("piece %d from %s failed verification: banned", index, neighbour.address)
             self._close(neighbour, "sent a corrupt piece")
             return
@@ -690,6 +745,14 @@ class Engine:
         if room <= 0:
             return
         count = max(1, room // self.manifest.piece_size)
+        # At most MAX_INBOUND_REQUESTS unanswered requests (cancelled ones included) per
+        # direction, or the protocol refuses to send the next one and the connection ends.
+        blocks = -(-self.manifest.piece_size // wire.MAX_BLOCK)  # requests per piece
+        slots = (neighbour.conn.request_slots - neighbour.requests_queued) // blocks
+        neighbour.short_of_slots = slots < count
+        count = min(count, slots)
+        if count <= 0:
+            return
         chosen = picker.pick_pieces(
             self.missing, neighbour.has, self.requested, self.availability, count, self.rng
         )
@@ -715,6 +778,7 @@ class Engine:
             size = min(wire.MAX_BLOCK, length - offset)
             download.outstanding.add((offset, size))
             neighbour.outbox.put_nowait(wire.Request(index, offset, size))
+            neighbour.requests_queued += 1
         neighbour.downloads[index] = download
         neighbour.in_flight += length
         self.requested[index] += 1
@@ -725,6 +789,10 @@ class _Upload:
     piece: int
     offset: int
     length: int
+
+
+class StoppedError(Exception):
+    """The engine was told to stop (its controller went away) before it was complete."""
 
 
 class StalledError(Exception):

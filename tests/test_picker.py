@@ -1,0 +1,169 @@
+"""Piece picking: pure functions over plain data, so every rule is checked without a network."""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from roost.runtime.picker import (
+    ENDGAME_MAX_DUPLICATES,
+    origin_should_serve,
+    pick_endgame,
+    pick_pieces,
+)
+
+
+def pick(missing, has, requested, availability, count, seed=0):
+    return pick_pieces(missing, has, requested, availability, count, random.Random(seed))
+
+
+# -- pick_pieces --------------------------------------------------------------------------
+
+
+def test_rarest_pieces_come_first() -> None:
+    availability = [5, 1, 4, 2, 3, 9]
+    n = len(availability)
+    assert pick([1] * n, [1] * n, [0] * n, availability, n) == [1, 3, 4, 2, 0, 5]
+    assert pick([1] * n, [1] * n, [0] * n, availability, 2) == [1, 3]
+
+
+def test_never_picks_held_unavailable_or_requested_pieces() -> None:
+    missing = [0, 1, 1, 1, 1, 1]
+    has = [1, 0, 1, 1, 1, 1]
+    requested = [0, 0, 1, 0, 2, 0]
+    availability = [1, 1, 1, 1, 1, 1]
+    assert sorted(pick(missing, has, requested, availability, 10)) == [3, 5]
+
+
+def test_nothing_to_pick() -> None:
+    assert pick([1, 1], [1, 1], [0, 0], [1, 1], 0) == []
+    assert pick([1, 1], [1, 1], [0, 0], [1, 1], -3) == []
+    assert pick([0, 0], [1, 1], [0, 0], [1, 1], 5) == []
+    assert pick([1, 1], [0, 0], [0, 0], [0, 0], 5) == []
+    assert pick([], [], [], [], 5) == []
+
+
+def test_ties_are_broken_at_random_but_reproducibly() -> None:
+    n = 40
+    args = ([1] * n, [1] * n, [0] * n, [3] * n, 10)
+    assert pick(*args, seed=7) == pick(*args, seed=7)
+    orders = {tuple(pick(*args, seed=seed)) for seed in range(20)}
+    assert len(orders) > 1
+    firsts = Counter(pick(*args, seed=seed)[0] for seed in range(2000))
+    assert len(firsts) == n  # every tied piece gets to go first sometimes
+
+
+def test_random_tie_breaks_stay_within_one_rarity_level() -> None:
+    availability = [2, 1, 2, 1, 3, 1, 2]
+    n = len(availability)
+    for seed in range(50):
+        chosen = pick([1] * n, [1] * n, [0] * n, availability, n, seed)
+        assert sorted(chosen[:3]) == [1, 3, 5]
+        assert sorted(chosen[3:6]) == [0, 2, 6]
+        assert chosen[6] == 4
+
+
+def test_inputs_are_not_modified() -> None:
+    missing, has, requested, availability = [1, 1, 1], [1, 1, 1], [0, 1, 0], [2, 1, 3]
+    copies = [list(missing), list(has), list(requested), list(availability)]
+    pick(missing, has, requested, availability, 3)
+    pick_endgame(missing, has, requested, set(), availability, 3, random.Random(0))
+    assert [missing, has, requested, availability] == copies
+
+
+@st.composite
+def piece_states(draw: st.DrawFn) -> tuple[list[int], list[int], list[int], list[int], int]:
+    n = draw(st.integers(0, 60))
+    flags = st.lists(st.integers(0, 1), min_size=n, max_size=n)
+    return (
+        draw(flags),
+        draw(flags),
+        draw(st.lists(st.integers(0, 3), min_size=n, max_size=n)),
+        draw(st.lists(st.integers(0, 6), min_size=n, max_size=n)),
+        draw(st.integers(-1, 70)),
+    )
+
+
+@given(piece_states(), st.integers(0, 2**32))
+def test_pick_pieces_properties(state, seed) -> None:
+    missing, has, requested, availability, count = state
+    chosen = pick(missing, has, requested, availability, count, seed)
+    candidates = [i for i in range(len(missing)) if missing[i] and has[i] and requested[i] == 0]
+    assert len(chosen) == len(set(chosen)) == min(max(count, 0), len(candidates))
+    assert set(chosen) <= set(candidates)
+    levels = [availability[i] for i in chosen]
+    assert levels == sorted(levels)
+    if chosen:  # nothing left out is rarer than something chosen
+        left_out = set(candidates) - set(chosen)
+        assert all(availability[i] >= levels[-1] for i in left_out)
+    assert chosen == pick(missing, has, requested, availability, count, seed)
+
+
+# -- pick_endgame -------------------------------------------------------------------------
+
+
+def test_endgame_only_duplicates_pieces_in_flight_elsewhere() -> None:
+    missing = [1, 1, 1, 1, 1, 0]
+    has = [1, 1, 1, 1, 0, 1]
+    requested = [0, 1, 1, ENDGAME_MAX_DUPLICATES, 1, 1]
+    asked_here = {2}
+    chosen = pick_endgame(missing, has, requested, asked_here, [1] * 6, 10, random.Random(0))
+    # 0: not requested yet (pick_pieces' job); 2: already asked of this neighbour;
+    # 3: at the duplicate bound; 4: this neighbour lacks it; 5: held already.
+    assert chosen == [1]
+
+
+def test_endgame_prefers_rare_pieces_and_respects_count() -> None:
+    n = 6
+    chosen = pick_endgame([1] * n, [1] * n, [1] * n, set(), [4, 2, 6, 1, 3, 5], 3, random.Random(0))
+    assert chosen == [3, 1, 4]
+    assert pick_endgame([1] * n, [1] * n, [1] * n, set(), [1] * n, 0, random.Random(0)) == []
+
+
+@given(
+    st.integers(1, 30),
+    st.integers(1, 8),
+    st.integers(1, 20),
+    st.integers(0, 2**32),
+)
+def test_endgame_duplicates_are_bounded_and_never_reask_a_neighbour(
+    pieces, neighbours, count, seed
+) -> None:
+    """Drive the picker the way the engine does: every neighbour holds everything, and each
+    in turn gets fresh requests then endgame duplicates, until nobody can be given more."""
+    rng = random.Random(seed)
+    missing = [1] * pieces
+    requested = [0] * pieces
+    availability = [neighbours] * pieces
+    asked: list[set[int]] = [set() for _ in range(neighbours)]
+    has = [1] * pieces
+    for _ in range(pieces * neighbours + 1):
+        progress = False
+        for who in range(neighbours):
+            chosen = pick_pieces(missing, has, requested, availability, count, rng)
+            if not chosen:
+                chosen = pick_endgame(missing, has, requested, asked[who], availability, count, rng)
+            for index in chosen:
+                assert index not in asked[who], "asked the same neighbour twice"
+                asked[who].add(index)
+                requested[index] += 1
+                assert requested[index] <= ENDGAME_MAX_DUPLICATES
+                progress = True
+        if not progress:
+            break
+    assert all(requested), "every piece was requested"
+    assert requested == [min(ENDGAME_MAX_DUPLICATES, neighbours)] * pieces
+
+
+# -- the origin's refusals ----------------------------------------------------------------
+
+
+def test_the_origin_serves_each_piece_once_then_refuses_each_requester_once() -> None:
+    assert origin_should_serve(0, refused_this_requester=False)
+    assert not origin_should_serve(1, refused_this_requester=False)
+    assert not origin_should_serve(5, refused_this_requester=False)
+    assert origin_should_serve(1, refused_this_requester=True)  # nobody stalls on a refusal
+    assert origin_should_serve(0, refused_this_requester=True)

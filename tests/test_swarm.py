@@ -1,0 +1,492 @@
+"""End to end: a tracker, a seeder and peers as separate processes over loopback.
+
+Each test builds a random release, runs a swarm (``python -m roost.runtime
+seed`` / ``fetch --events``) and checks what matters to an operator: every host
+that reports success holds the release byte for byte under ``current``, a host
+that fails holds no partial release, and the swarm survives dead peers, a dead
+origin, a restarted tracker, intruders and liars. Assertions are about outcomes,
+never about how fast they came; the timeouts only stop a broken swarm from
+hanging the suite.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import filecmp
+import hashlib
+import json
+import os
+import signal
+import stat
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Callable
+
+import pytest
+
+from roost.runtime import protocol as wire
+from roost.runtime.manifest import Manifest
+from roost.runtime.pack import pack
+from roost.runtime.peer import Engine, EngineConfig, Pieces
+from roost.runtime.store import Store
+from roost.runtime.swarm import write_secret
+from roost.runtime.tree import verify_tree
+from swarm_helpers import (
+    CountingProxy,
+    MiB,
+    Peer,
+    Swarm,
+    WireClient,
+    child_env,
+    corrupt_copy,
+    make_release,
+    wait_until,
+)
+
+# Leaves of the trees make_release builds, compared directly (not only through the manifest).
+SAMPLES = ("blobs/blob-0.bin", "blobs/blob-1.bin", "lib/pkg3/mod1/f10.py", "bin/tool")
+
+
+@pytest.fixture
+def swarm(tmp_path: Path):
+    s = Swarm(tmp_path)
+    yield s
+    s.close()  # SIGKILLs every child still running, even when the test failed
+
+
+@pytest.fixture(scope="module")
+def release_16(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """About 16 MiB: a few MiB-sized files and a hundred small ones (shared, never written)."""
+    root = tmp_path_factory.mktemp("release16") / "src"
+    return make_release(root, big=[5 * MiB + 17, 4 * MiB - 3, 3 * MiB + 4099], small=120, seed=16)
+
+
+def assert_installed(peer: Peer, manifest: Manifest, src: Path) -> None:
+    """``peer``'s DEST/current is the release: by the manifest, and file by file vs the source."""
+    current = peer.dest / "current"
+    assert current.is_symlink(), f"{peer.name} has no current link"
+    assert verify_tree(str(current), manifest, content=True) == []
+    for rel in SAMPLES:
+        assert filecmp.cmp(src / rel, current / rel, shallow=False), f"{peer.name}: {rel}"
+    assert os.readlink(current / "bin" / "tool-link") == "tool"
+    assert os.readlink(current / "libdir") == "lib/pkg0"
+    assert (current / "var" / "empty").is_dir() and not os.listdir(current / "var" / "empty")
+    assert stat.S_IMODE(os.stat(current / "bin" / "tool").st_mode) & 0o111 == 0o111
+    assert (current / "zero-length").stat().st_size == 0
+
+
+def assert_nothing_installed(peer: Peer) -> None:
+    """No activated release and no release in the store: only staging leftovers, if anything."""
+    assert not os.path.lexists(peer.dest / "current"), f"{peer.name} activated something"
+    if peer.dest.exists():
+        assert Store.open(str(peer.dest)).releases() == []
+
+
+def test_eight_peers_fetch_a_64_mib_release_byte_for_byte(swarm: Swarm, tmp_path: Path) -> None:
+    src = make_release(
+        tmp_path / "src",
+        big=[12 * MiB + 1, 17 * MiB - 7, 9 * MiB + 513, 14 * MiB, 6 * MiB + 3],
+        small=300,
+        seed=64,
+    )
+    manifest = swarm.release(src)
+    assert manifest.total_size >= 64 * MiB
+    assert len(manifest.files) > 300
+    swarm.start_tracker(expected_peers=8)
+    swarm.start_seeder()
+    peers = [swarm.fetch(linger=2.0) for _ in range(8)]
+
+    done = [swarm.finish(peer) for peer in peers]
+
+    for peer, stats in zip(peers, done):
+        assert_installed(peer, manifest, src)
+        assert stats["downloaded"] == manifest.total_size
+        assert stats["bad_pieces"] == 0
+    assert sum(stats["from_peers"] for stats in done) > 0, "nothing travelled peer to peer"
+    assert sum(stats["uploaded"] for stats in done) > 0
+    assert swarm.seeder is not None and swarm.seeder.running()
+
+
+def test_peers_that_join_after_others_completed_still_complete(
+    swarm: Swarm, release_16: Path
+) -> None:
+    manifest = swarm.release(release_16)
+    swarm.start_tracker(expected_peers=6)
+    swarm.start_seeder()
+    early = [swarm.fetch(linger=60.0) for _ in range(3)]
+    wait_until(lambda: all(p.completed for p in early), "the first peers to complete")
+    assert all(p.running() for p in early), "early peers should still be lingering"
+
+    late = [swarm.fetch(linger=1.0) for _ in range(3)]
+
+    late_done = [swarm.finish(peer) for peer in late]
+    for peer in early:  # they leave once the tracker says every expected host is done
+        swarm.finish(peer)
+    for peer in early + late:
+        assert_installed(peer, manifest, release_16)
+    for stats in late_done:
+        # A full copy already existed outside the origin, so the tracker never handed
+        # the origin to the late joiners: every byte came from the early peers.
+        assert stats["from_origin"] == 0
+        assert stats["from_peers"] == manifest.total_size
+
+
+def test_a_peer_killed_mid_transfer_leaves_no_partial_release(
+    swarm: Swarm, release_16: Path
+) -> None:
+    manifest = swarm.release(release_16)
+    swarm.start_tracker(expected_peers=3)
+    swarm.start_seeder()
+    # Rate limits keep everyone mid-transfer when the victim dies.
+    others = [swarm.fetch("--download-rate", "4M") for _ in range(3)]
+    victim = swarm.fetch("--download-rate", "2M", name="victim")
+    quarter = manifest.piece_count // 4
+    wait_until(lambda: victim.have >= quarter, "the victim to hold a quarter of the pieces")
+
+    victim.kill(signal.SIGKILL)
+
+    assert victim.wait() == -signal.SIGKILL
+    assert not victim.completed
+    assert_nothing_installed(victim)
+    for peer in others:
+        swarm.finish(peer)
+        assert_installed(peer, manifest, release_16)
+
+    # The store recovers from the kill: the same DEST fetches cleanly afterwards.
+    again = swarm.fetch(name="victim")
+    assert again.dest == victim.dest
+    swarm.finish(again)
+    assert_installed(again, manifest, release_16)
+
+
+def test_the_origin_can_die_once_a_peer_holds_a_full_copy(swarm: Swarm, release_16: Path) -> None:
+    manifest = swarm.release(release_16)
+    swarm.start_tracker(expected_peers=5)
+    swarm.start_seeder()
+    first = swarm.fetch(linger=60.0, name="first")
+    slow = [swarm.fetch("--download-rate", "2M", linger=2.0) for _ in range(4)]
+    wait_until(lambda: first.completed, "the first peer to complete")
+
+    assert swarm.seeder is not None
+    swarm.seeder.kill(signal.SIGKILL)
+    swarm.seeder.wait()
+    unfinished = [p for p in slow if not p.completed]
+    assert unfinished, "precondition: the origin died mid-swarm"
+
+    for peer in [*slow, first]:
+        swarm.finish(peer)
+        assert_installed(peer, manifest, release_16)
+    for peer in unfinished:  # what they missed when the origin died came from peers
+        assert peer.done()["from_peers"] > 0
+
+
+def test_a_static_peer_that_restarts_is_dialled_again(swarm: Swarm, release_16: Path) -> None:
+    """Without a tracker nothing hands a peer its neighbours again: a ``--peer`` whose
+    connection ends (here the origin restarts) must be redialled by the peer itself."""
+    manifest = swarm.release(release_16)
+    seeder = swarm.start_seeder(tracker=False)
+    port = swarm.seeder_port
+    peer = swarm.fetch(
+        "--peer", f"127.0.0.1:{port}", "--download-rate", "2M", tracker=False, stall_timeout=30
+    )
+    wait_until(lambda: peer.have >= manifest.piece_count // 4, "a quarter of the pieces")
+
+    seeder.kill(signal.SIGKILL)
+    seeder.wait()
+    assert not peer.completed, "precondition: the origin restarted mid-transfer"
+    swarm.start_seeder(tracker=False, port=port)
+
+    swarm.finish(peer)
+    assert_installed(peer, manifest, release_16)
+
+
+def test_the_smallest_pieces_keep_requests_within_the_protocol_limit(
+    swarm: Swarm, tmp_path: Path
+) -> None:
+    """16 KiB pieces: 4 MiB in flight would be 256 requests, the protocol's limit, before any
+    cancelled ones; going over it used to end the connection (and, without a tracker, the
+    fetch). One connection per peer, kept to the end."""
+    src = make_release(tmp_path / "src", big=[3 * MiB, MiB + 7], small=30, seed=6)
+    manifest = swarm.release(src, piece_size=16 * 1024)
+    assert manifest.piece_count > 300
+    swarm.start_seeder(tracker=False)
+    proxy = CountingProxy(("127.0.0.1", swarm.seeder_port))
+    try:
+        peers = [swarm.fetch("--peer", proxy.address, tracker=False) for _ in range(2)]
+        for peer in peers:
+            swarm.finish(peer)
+            assert_installed(peer, manifest, src)
+    finally:
+        proxy.close()
+    assert proxy.connections == len(peers)
+
+
+def test_a_peer_without_the_secret_is_refused(
+    swarm: Swarm, release_16: Path, tmp_path: Path
+) -> None:
+    manifest = swarm.release(release_16)
+    swarm.start_tracker(expected_peers=1)
+    swarm.start_seeder()
+    wrong = tmp_path / "wrong.secret"
+    write_secret(str(wrong))
+    intruder = swarm.fetch(
+        "--peer",
+        f"127.0.0.1:{swarm.seeder_port}",
+        name="intruder",
+        tracker=False,
+        secret_path=wrong,
+        stall_timeout=3.0,
+    )
+
+    assert intruder.wait() == 1
+    lines = intruder.stderr().strip().splitlines()
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("roost-runtime: error: download stalled: no progress for 3 s")
+    assert f"{manifest.piece_count} of {manifest.piece_count} pieces missing" in lines[0]
+    assert all(e["have"] == 0 for e in intruder.named("progress"))
+    assert not intruder.completed
+    assert [e["event"] for e in intruder.events] == ["error"]
+    assert_nothing_installed(intruder)
+
+    assert swarm.seeder is not None and swarm.seeder.running()
+    honest = swarm.fetch()
+    swarm.finish(honest)
+    assert_installed(honest, manifest, release_16)
+
+
+def test_a_peer_serving_corrupt_blocks_is_banned(
+    swarm: Swarm, release_16: Path, tmp_path: Path
+) -> None:
+    manifest = swarm.release(release_16)
+    swarm.start_tracker(expected_peers=3)
+    swarm.start_seeder()
+    bad_tree = tmp_path / "corrupt"
+    corrupt_copy(release_16, bad_tree)
+    liar_pieces = Pieces(str(bad_tree), manifest, complete=True)
+    assert liar_pieces.checked is not None
+    liar_pieces.checked[:] = b"\x01" * manifest.piece_count  # serve without checking
+    liar = swarm.start_engine(
+        liar_pieces, EngineConfig(secret=swarm.secret, linger=600.0, stall_timeout=600.0)
+    )
+    proxy = CountingProxy(("127.0.0.1", liar.engine.port))  # counts who dials the liar
+    try:
+        honest = [swarm.fetch("--peer", proxy.address) for _ in range(3)]
+        done = [swarm.finish(peer) for peer in honest]
+    finally:
+        proxy.close()
+    liar_stats = liar.stop()
+
+    for peer in honest:
+        assert_installed(peer, manifest, release_16)
+    assert liar_stats.uploaded > 0, "the liar was never asked for anything"
+    assert sum(stats["bad_pieces"] for stats in done) > 0
+    banned = [p for p in honest if "failed verification: banned" in p.stderr()]
+    assert banned, "no honest peer reported banning the liar"
+    for peer, stats in zip(honest, done):
+        assert (peer in banned) == (stats["bad_pieces"] > 0)
+    # Banned for good: each honest peer dialled the liar once, and never again after the ban.
+    assert proxy.connections == len(honest)
+
+
+def test_a_peer_that_banned_a_liar_still_accepts_honest_peers(tmp_path: Path) -> None:
+    """Regression: the engine used to close a banned neighbour's socket while asyncio still
+    waited to read it, so the next socket given the same fd number never woke up and its
+    handshake timed out. Here an honest peer connects right after the ban (its socket is made
+    beforehand, so the accepted one is the next fd the downloader allocates)."""
+    # One piece: the downloader's read loop is idle, waiting on the socket, when it bans.
+    src = make_release(tmp_path / "src", big=[64 * 1024], small=10, small_max=4096, seed=5)
+    manifest = pack(str(src))
+    assert manifest.piece_count == 1
+    corrupt_copy(src, tmp_path / "corrupt")
+    secret = os.urandom(32)
+    store = Store.open(str(tmp_path / "dest"), create=True)
+
+    async def scenario() -> None:
+        liar_pieces = Pieces(str(tmp_path / "corrupt"), manifest, complete=True)
+        assert liar_pieces.checked is not None
+        liar_pieces.checked[:] = b"\x01" * manifest.piece_count
+        liar = Engine(manifest, liar_pieces, EngineConfig(secret=secret, linger=600.0))
+        liar_run = asyncio.ensure_future(liar.run())
+        while not liar.port:
+            await asyncio.sleep(0.01)
+        staging = store.stage(manifest)
+        pieces = Pieces(staging.root, manifest, complete=False, write=staging.write_verified_piece)
+        config = EngineConfig(
+            secret=secret, peers=[("127.0.0.1", liar.port)], linger=0.0, stall_timeout=600.0
+        )
+        downloader = Engine(manifest, pieces, config)
+        download = asyncio.ensure_future(downloader.run())
+        # Slow to speak, so the downloader has to wait on its socket for the handshake.
+        client = WireClient(manifest, secret, pause=0.2)
+        try:
+            await asyncio.wait_for(_until(lambda: downloader.stats.banned > 0), 60)
+            events = await asyncio.wait_for(client.connect(downloader.port), 60)
+            assert isinstance(events[0], wire.Bitfield)
+            assert events[0].pieces() == []  # it still holds nothing: it accepted no bad data
+            assert downloader.stats.banned == 1
+            assert downloader.stats.bad_pieces >= 1
+        finally:
+            client.close()
+            for task in (download, liar_run):
+                task.cancel()
+            await asyncio.gather(download, liar_run, return_exceptions=True)
+            staging.abandon()
+
+    asyncio.run(scenario())
+
+
+async def _until(predicate: Callable[[], bool]) -> None:
+    while not predicate():
+        await asyncio.sleep(0.01)
+
+
+def test_a_source_file_changed_after_packing_is_refused_not_spread(
+    swarm: Swarm, tmp_path: Path
+) -> None:
+    """The seeder checks each piece against the manifest before serving it: the pieces of a
+    source file truncated after packing are refused, and every other piece is still served."""
+    src = make_release(tmp_path / "src", big=[3 * MiB, 3 * MiB], small=20, seed=3)
+    manifest = swarm.release(src)
+    truncated = src / "blobs" / "blob-1.bin"
+    keep = MiB + 12345
+    os.truncate(truncated, keep)
+    spoiled = {
+        index
+        for index in range(manifest.piece_count)
+        for span in manifest.piece_spans(index)
+        if span.file.path == "blobs/blob-1.bin" and span.offset + span.length > keep
+    }
+    assert 0 < len(spoiled) < manifest.piece_count
+    swarm.start_tracker(expected_peers=1)
+    seeder = swarm.start_seeder()
+    peer = swarm.fetch(stall_timeout=4.0)
+
+    assert peer.wait() == 1
+    (error,) = peer.named("error")
+    missing = f"{len(spoiled)} of {manifest.piece_count} pieces missing"
+    assert missing in error["message"], error
+    assert_nothing_installed(peer)
+    assert seeder.running()
+    assert "source data of piece" in seeder.stderr()
+
+
+def test_a_requester_leaving_does_not_spoil_a_source_check_for_others(tmp_path: Path) -> None:
+    """Regression: requesters waiting for the same piece share one check of the source data;
+    when the first of them left, cancelling its upload cancelled the shared check, and the
+    piece could never be served again (each later upload of it ended its connection's writer)."""
+    src = make_release(tmp_path / "src", big=[MiB], small=5, seed=4)
+    manifest = pack(str(src))
+    secret = os.urandom(32)
+    started, release = threading.Event(), threading.Event()
+
+    class SlowDisk(Pieces):
+        def check_source(self, index: int) -> bool:
+            started.set()
+            release.wait(60)
+            return super().check_source(index)
+
+    async def scenario() -> None:
+        seeder = Engine(
+            manifest, SlowDisk(str(src), manifest, complete=True), EngineConfig(secret=secret)
+        )
+        serving = asyncio.ensure_future(seeder.run())
+        first, second = WireClient(manifest, secret), WireClient(manifest, secret)
+        try:
+            await _until(lambda: seeder.port != 0)
+            length = manifest.piece_length(0)
+            await first.connect(seeder.port)
+            await first.send(wire.Request(0, 0, length))
+            await asyncio.wait_for(asyncio.to_thread(started.wait, 60), 60)
+            # The first requester's upload now waits for the check: it leaves.
+            (neighbour,) = seeder.neighbours.values()
+            await asyncio.wait_for(_until(neighbour.outbox.empty), 60)
+            first.close()
+            await asyncio.wait_for(_until(lambda: not seeder.neighbours), 60)
+            release.set()
+
+            await second.connect(seeder.port)
+            await second.send(wire.Request(0, 0, length))
+            event = await asyncio.wait_for(second.next_event(), 60)
+            assert isinstance(event, wire.Block), event
+            assert hashlib.sha256(event.data).digest() == manifest.pieces[0]
+        finally:
+            release.set()
+            first.close()
+            second.close()
+            serving.cancel()
+            await asyncio.gather(serving, return_exceptions=True)
+
+    asyncio.run(scenario())
+
+
+def test_peers_ride_out_a_tracker_restart(swarm: Swarm, release_16: Path) -> None:
+    manifest = swarm.release(release_16)
+    tracker = swarm.start_tracker(expected_peers=4)
+    swarm.start_seeder()
+    peers = [swarm.fetch("--download-rate", "2M", linger=60.0) for _ in range(4)]
+    wait_until(lambda: all(p.have > 0 for p in peers), "every peer to hold a piece")
+
+    tracker.stop(signal.SIGKILL)
+    before = sum(p.have for p in peers)
+    wait_until(
+        lambda: sum(p.have for p in peers) >= before + 8,
+        "the swarm to keep exchanging without its tracker",
+    )
+    assert not any(p.completed for p in peers), "precondition: the tracker came back mid-swarm"
+    restarted = time.time()
+    tracker.start()  # same port, same SQLite file
+
+    for peer in peers:
+        swarm.finish(peer)
+        assert_installed(peer, manifest, release_16)
+    status = tracker.status(manifest.id)
+    # Every completion was announced to the restarted tracker: the peers came back to it.
+    assert len(status["completed"]) == 4
+    assert all(at >= restarted for at in status["completed"].values())
+    assert status["swarm_complete"]
+
+
+def run_deploy(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "roost", "deploy", *args],
+        capture_output=True,
+        text=True,
+        env=child_env(),
+        timeout=300,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+def test_local_deploy_to_four_hosts(tmp_path: Path) -> None:
+    src = make_release(tmp_path / "src", big=[3 * MiB + 5, 2 * MiB], small=40, seed=8)
+    base = tmp_path / "fleet"
+
+    result = run_deploy(str(src), "--local", "4", "--dest", str(base), "--linger", "1")
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    manifest = Manifest.from_bytes(next((base / ".roost-deploy").glob("*.manifest")).read_bytes())
+    for i in range(1, 5):
+        assert verify_tree(str(base / f"host-{i}" / "current"), manifest, content=True) == []
+    assert not (base / "host-5").exists()
+
+
+def test_local_deploy_json_events(tmp_path: Path) -> None:
+    src = make_release(tmp_path / "src", big=[2 * MiB + 1], small=20, seed=9)
+    base = tmp_path / "fleet"
+
+    result = run_deploy(str(src), "--local", "4", "--dest", str(base), "--linger", "1", "--json")
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    events = [json.loads(line) for line in result.stdout.splitlines() if line.strip()]
+    assert all(isinstance(e, dict) and "event" in e for e in events)
+    (start,) = [e for e in events if e["event"] == "start"]
+    assert start["hosts"] == ["host-1", "host-2", "host-3", "host-4"]
+    assert events[-1]["event"] == "finish"
+    assert events[-1]["ok"] == 4 and events[-1]["failed"] == 0
+    manifest = Manifest.from_bytes(next((base / ".roost-deploy").glob("*.manifest")).read_bytes())
+    assert start["release"] == manifest.id
+    for i in range(1, 5):
+        assert verify_tree(str(base / f"host-{i}" / "current"), manifest, content=True) == []
