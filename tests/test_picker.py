@@ -167,3 +167,13 @@ def test_the_origin_serves_each_piece_once_then_refuses_each_requester_once() ->
     assert not origin_should_serve(5, refused_this_requester=False)
     assert origin_should_serve(1, refused_this_requester=True)  # nobody stalls on a refusal
     assert origin_should_serve(0, refused_this_requester=True)
+
+
+def test_endgame_only_for_the_last_few_pieces() -> None:
+    from roost.runtime.picker import ENDGAME_MIN_PIECES, in_endgame
+
+    assert in_endgame(ENDGAME_MIN_PIECES, 0)
+    assert not in_endgame(ENDGAME_MIN_PIECES + 1, 0)
+    assert in_endgame(16, 8)
+    assert not in_endgame(17, 8)
+    assert not in_endgame(128, 8)

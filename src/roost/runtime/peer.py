@@ -756,7 +756,7 @@ class Engine:
         chosen = picker.pick_pieces(
             self.missing, neighbour.has, self.requested, self.availability, count, self.rng
         )
-        if not chosen:
+        if not chosen and picker.in_endgame(self.missing.count(1), len(self.neighbours)):
             chosen = picker.pick_endgame(
                 self.missing,
                 neighbour.has,

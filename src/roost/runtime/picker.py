@@ -6,10 +6,11 @@ tie-breaks, so different peers fetch different pieces from the origin and can
 trade them at once; a piece only the origin holds is by construction the
 rarest, so requests to the origin go to pieces nobody else can serve.
 
-When every piece we still need is already requested from someone (the
-endgame), ``pick_endgame`` lets an idle neighbour duplicate requests for pieces
-in flight elsewhere, so the last pieces never wait on one slow neighbour; the
-first copy to arrive wins and the others are cancelled.
+When every piece we still need is already requested from someone and only
+a few are left (the endgame, ``in_endgame``), ``pick_endgame`` lets an idle
+neighbour duplicate requests for pieces in flight elsewhere, so the last
+pieces never wait on one slow neighbour; the first copy to arrive wins and the
+others are cancelled.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from collections.abc import Sequence
 
 # How many neighbours may be asked for the same piece at once in the endgame.
 ENDGAME_MAX_DUPLICATES = 2
+# The endgame starts when at most max(this, 2 per neighbour) pieces are missing.
+ENDGAME_MIN_PIECES = 4
 
 
 def pick_pieces(
@@ -43,6 +46,17 @@ def pick_pieces(
         if need and has and not asked
     ]
     return _rarest(candidates, availability, count, rng)
+
+
+def in_endgame(missing_count: int, neighbours: int) -> bool:
+    """Whether so few pieces are left that racing duplicate requests is worth it.
+
+    Everything still missing may be requested long before the end (requests
+    in flight to many neighbours cover a large share of a small release);
+    duplicating all of those would waste upload on copies. Only the last few
+    pieces, about two per neighbour, are raced.
+    """
+    return missing_count <= max(ENDGAME_MIN_PIECES, 2 * neighbours)
 
 
 def pick_endgame(
