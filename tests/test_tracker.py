@@ -339,6 +339,22 @@ def test_swarm_complete_waits_for_every_live_and_expected_peer(tmp_path: Path) -
     tracker_test(body, tmp_path / "t.db")
 
 
+def test_a_complete_peer_that_only_says_stopped_still_counts(tmp_path: Path) -> None:
+    """A peer that completed while the tracker was down and left before reaching it."""
+
+    async def body(t: RunningTracker, s: Session, clock: FakeClock) -> None:
+        await register(t, s, expected=2)
+        await ok(t, s, request(1, clock, have=10, seeder=True))
+        await ok(t, s, request(2, clock, have=2))
+        await ok(t, s, request(2, clock, have=10, event="stopped"))
+        await ok(t, s, request(3, clock, have=4, event="stopped"))  # incomplete: no count
+        answer = await ok(t, s, request(4, clock, have=10, event="completed"))
+        assert answer["stats"]["complete"] == 2
+        assert answer["swarm_complete"]
+
+    tracker_test(body, tmp_path / "t.db")
+
+
 def test_swarm_with_only_its_origin_is_not_complete(tmp_path: Path) -> None:
     async def body(t: RunningTracker, s: Session, clock: FakeClock) -> None:
         await register(t, s)

@@ -153,6 +153,9 @@ class Tracker:
         now = self.clock()
         self._check_fresh(swarm, req, now)
         if req.event == "stopped":
+            if not req.seeder and req.pieces and req.have == req.pieces:
+                # It may have completed while we were down and never told us before leaving.
+                self.store.record_completion(swarm, req.peer, now)
             self.store.remove_peer(swarm, req.peer, req.time)
             live = swarm.live_peers(now)
             return _response(swarm, live, [], *self._pace(swarm, live, now))
