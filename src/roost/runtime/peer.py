@@ -37,6 +37,7 @@ from roost.runtime.ratelimit import TokenBucket
 log = logging.getLogger("roost.peer")
 
 RECV_CHUNK = 1 << 20
+_READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
 CONNECT_TIMEOUT = 5.0
 IDLE_TIMEOUT = 60.0
 KEEPALIVE_INTERVAL = 15.0
@@ -83,9 +84,11 @@ class Pieces:
     """Where a release's pieces live on this host: a tree that is complete or being filled.
 
     ``write`` is only called with pieces whose hash was checked. A seeder's tree
-    (``verify_reads``) is the operator's source directory: each piece is checked
+    (``complete``) is the operator's source directory: each piece is checked
     against the manifest the first time it is served, so a tree that changed
-    after packing is caught, not spread.
+    after packing is caught, not spread. Files are opened relative to a
+    directory descriptor of the root, so uploads go on undisturbed when a
+    finished staging directory is renamed into ``releases/``.
     """
 
     def __init__(
@@ -97,6 +100,7 @@ class Pieces:
         write: Callable[[int, bytes], None] | None = None,
     ) -> None:
         self.root = root
+        self.root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         self.manifest = manifest
         self.have = bytearray([1 if complete else 0]) * manifest.piece_count
         self.checked = bytearray(manifest.piece_count) if complete else None
@@ -122,16 +126,24 @@ class Pieces:
             return False
         return hashlib.sha256(data).digest() == self.manifest.pieces[index]
 
+    def open(self, path: str) -> Any:
+        """A file of the release, by its path in the manifest, for reading."""
+        fd = os.open(path, _READ_FLAGS, dir_fd=self.root_fd)
+        return os.fdopen(fd, "rb")
+
+    def close(self) -> None:
+        os.close(self.root_fd)
+
     def spans(self, index: int, offset: int, length: int) -> list[tuple[str, int, int]]:
-        """(path, file offset, length) runs covering ``length`` bytes at ``offset`` of a piece."""
+        """(path in the release, file offset, length) runs covering ``length`` bytes at
+        ``offset`` of a piece."""
         runs = []
         position = 0
         for span in self.manifest.piece_spans(index):
             start = max(offset, position)
             end = min(offset + length, position + span.length)
             if start < end:
-                path = os.path.join(self.root, span.file.path)
-                runs.append((path, span.offset + start - position, end - start))
+                runs.append((span.file.path, span.offset + start - position, end - start))
             position += span.length
         return runs
 
@@ -287,6 +299,7 @@ class Engine:
                 )
         for f in self._files.values():
             f.close()
+        self.pieces.close()
         self._workers.shutdown(wait=True)
 
     def _spawn(self, coro: Any) -> asyncio.Task:
@@ -570,7 +583,7 @@ class Engine:
         if f is None:
             if len(self._files) >= 256:
                 self._files.pop(next(iter(self._files))).close()
-            f = self._files[path] = open(path, "rb")  # noqa: SIM115 (cached, closed on shutdown)
+            f = self._files[path] = self.pieces.open(path)
         return f
 
     async def _keepalive_loop(self) -> None:

@@ -148,7 +148,6 @@ def fetch(
         with store.locked():
             release = store.commit(staging, name)
             _activate_and_prune(store, name, activate, keep)
-        pieces.root = os.path.join(store.releases_dir, name)
         published.append(release)
 
     pieces = Pieces(staging.root, manifest, complete=False, write=staging.write_verified_piece)
