@@ -153,8 +153,17 @@ class _Download:
 
     def __init__(self, index: int, length: int) -> None:
         self.index = index
-        self.buffer = bytearray(length)
+        self.length = length
+        self.buffer: bytearray | None = None  # made on the first partial block
         self.outstanding: set[tuple[int, int]] = set()
+
+    def add(self, offset: int, data: bytearray) -> None:
+        if offset == 0 and len(data) == self.length:
+            self.buffer = data  # the whole piece in one block: no copy
+            return
+        if self.buffer is None:
+            self.buffer = bytearray(self.length)
+        self.buffer[offset : offset + len(data)] = data
 
 
 class Neighbour:
@@ -494,7 +503,7 @@ class Engine:
             event = conn.next_event()
             if event is wire.NEED_DATA:
                 n = await loop.sock_recv_into(sock, buffer)
-                conn.receive_data(bytes(buffer[:n]))
+                conn.receive_data(memoryview(buffer)[:n])
             elif isinstance(event, wire.Hello):
                 await loop.sock_sendall(sock, conn.send_auth())
             elif isinstance(event, wire.ConnectionClosed):
@@ -514,7 +523,7 @@ class Engine:
             if neighbour.closed:
                 return  # we closed it (_close): what is left of the stream does not matter
             neighbour.last_received = self.clock()
-            neighbour.conn.receive_data(bytes(view[:n]))
+            neighbour.conn.receive_data(view[:n])
             if n and self._download_limit is not None:
                 await self._download_limit.consume(n)
             while True:
@@ -661,7 +670,7 @@ class Engine:
         download = neighbour.downloads.pop(index, None)
         if download is not None:
             self.requested[index] -= 1
-            neighbour.in_flight -= len(download.buffer)
+            neighbour.in_flight -= download.length
         if neighbour.has[index]:
             neighbour.has[index] = 0  # ask others first; this one again after a pause
             self.availability[index] -= 1
@@ -680,19 +689,20 @@ class Engine:
         key = (block.offset, len(block.data))
         if download is None or key not in download.outstanding:
             return  # a block we cancelled, arriving late
-        download.buffer[block.offset : block.offset + len(block.data)] = block.data
+        download.add(block.offset, block.data)
         download.outstanding.discard(key)
         if download.outstanding:
             return
         del neighbour.downloads[block.piece]
-        neighbour.in_flight -= len(download.buffer)
+        neighbour.in_flight -= download.length
         self._spawn(self._complete_piece(neighbour, download))
         self._refill(neighbour)  # keep the link busy while the piece is checked and written
 
     async def _complete_piece(self, neighbour: Neighbour, download: _Download) -> None:
         index = download.index
         loop = asyncio.get_running_loop()
-        data = bytes(download.buffer)
+        data = download.buffer
+        assert data is not None
         ok = await loop.run_in_executor(self._workers, _verify, data, self.manifest.pieces[index])
         self.requested[index] -= 1
         if not ok:
@@ -720,7 +730,7 @@ class Engine:
             stale = other.downloads.pop(index, None)
             if stale is not None:
                 self.requested[index] -= 1
-                other.in_flight -= len(stale.buffer)
+                other.in_flight -= stale.length
                 for offset, size in stale.outstanding:
                     other.outbox.put_nowait(wire.Cancel(index, offset, size))
             other.outbox.put_nowait(wire.Have(index))
