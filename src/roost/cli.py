@@ -92,6 +92,12 @@ def add_controller_commands(commands: argparse._SubParsersAction) -> None:
         "--tracker-token-file", metavar="FILE", help="that tracker's admin token (to register)"
     )
     p.add_argument("--advertise", metavar="ADDR", help="address hosts reach this machine on")
+    p.add_argument(
+        "--seeder",
+        metavar="HOST",
+        help="one of the hosts: send it the release first, then let it seed the others"
+        " (when this machine's own uplink is slow)",
+    )
     p.add_argument("--json", action="store_true", help="newline-delimited JSON events")
     p.set_defaults(handler=cmd_deploy)
 
@@ -140,6 +146,8 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     if args.local is not None:
         if args.local < 1:
             raise RoostError("--local needs at least 1 host")
+        if args.seeder is not None:
+            raise RoostError("--seeder is for fleet deploys (--hosts / -H), not --local")
         plan = LocalDeploy(
             src=args.src,
             hosts=args.local,
@@ -171,6 +179,7 @@ def cmd_deploy(args: argparse.Namespace) -> int:
             tracker_token=token,
             advertise=args.advertise,
             concurrency=args.concurrency,
+            seeder=args.seeder,
         )
         hosts = asyncio.run(deploy_fleet(fleet, _ssh(args), reporter))
     reporter.finish(hosts, time.monotonic() - started)
@@ -193,7 +202,7 @@ def cmd_rollback(args: argparse.Namespace) -> int:
 
 
 def cmd_cleanup(args: argparse.Namespace) -> int:
-    results = asyncio.run(cleanup_hosts(_hosts(args), _ssh(args)))
+    results = asyncio.run(cleanup_hosts(_hosts(args), _ssh(args), args.concurrency))
     return _report_fleet_command("cleanup", results)
 
 

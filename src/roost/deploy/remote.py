@@ -25,17 +25,28 @@ print(json.dumps({"python": list(sys.version_info[:3]), "runtime": path, "has_ru
                   "ssh_connection": os.environ.get("SSH_CONNECTION", "")}))
 """
 
-# argv: bundle path, bundle sha256; stdin: the bundle.  Atomic, hash-checked.
+# argv: bundle path, bundle sha256; stdin: the bundle.  Atomic, hash-checked.  Removes the
+# temporary files of installs that died (their pid is gone), never those of one running now.
 INSTALL = """
 import hashlib, os, sys
 path, digest = sys.argv[1], sys.argv[2]
 data = sys.stdin.buffer.read()
 if hashlib.sha256(data).hexdigest() != digest:
     sys.exit("roost: runtime bundle damaged in transit (sha256 mismatch)")
-os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
-for old in os.listdir(os.path.dirname(path)):
-    if old.endswith(".tmp"):
-        os.unlink(os.path.join(os.path.dirname(path), old))
+cache = os.path.dirname(path)
+os.makedirs(cache, mode=0o700, exist_ok=True)
+for old in os.listdir(cache):
+    pid = old.rsplit(".", 2)[-2] if old.endswith(".tmp") else ""
+    if pid.isdigit():
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            try:
+                os.unlink(os.path.join(cache, old))
+            except OSError:
+                pass
+        except OSError:
+            pass
 tmp = "%s.%d.tmp" % (path, os.getpid())
 with open(tmp, "wb") as f:
     f.write(data)
@@ -57,12 +68,17 @@ for name in (os.listdir(run) if os.path.isdir(run) else []):
             record = json.load(f)
         pid, argv = int(record["pid"]), record["argv"]
     except (OSError, ValueError, KeyError, TypeError):
-        os.unlink(path)
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
         continue
     try:
         with open("/proc/%d/cmdline" % pid, "rb") as f:
-            alive = f.read().split(b"\\0")[:-1] == [a.encode() for a in argv]
-    except OSError:
+            alive = f.read().split(b"\\0")[:-1] == [
+                a.encode("utf-8", "surrogateescape") for a in argv
+            ]
+    except (OSError, UnicodeError):
         alive = False
     if alive:
         try:
@@ -78,7 +94,9 @@ for name in (os.listdir(run) if os.path.isdir(run) else []):
             stale += 1
     else:
         stale += 1
-    if os.path.exists(path):
+    try:
         os.unlink(path)
+    except OSError:
+        pass
 print(json.dumps({"stopped": stopped, "stale_records": stale}))
 """

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import shlex
 import shutil
 import tempfile
@@ -64,10 +65,21 @@ class SSH:
             )
         if shutil.which(self.executable) is None:
             raise RoostError(f"the OpenSSH client ({self.executable}) is not installed")
-        # Short path: a ControlPath must fit in a unix socket address (108 bytes).
-        self._control_dir = tempfile.mkdtemp(prefix="roost-ssh-", dir="/tmp")
+        self._control_dir: str | None = None
+
+    @property
+    def control_dir(self) -> str:
+        """Where the multiplexing sockets live; made on first use, removed by ``close``.
+
+        A short path under /tmp: a ControlPath must fit in a unix socket address
+        (108 bytes), and ``%C`` below is 40 characters.
+        """
+        if self._control_dir is None:
+            self._control_dir = tempfile.mkdtemp(prefix="roost-ssh-", dir="/tmp")
+        return self._control_dir
 
     def argv(self, host: Host, command: str) -> list[str]:
+        """The ssh command line that runs ``command`` (a remote shell line) on ``host``."""
         o = self.options
         args = [self.executable]
         if o.config_file:
@@ -79,7 +91,7 @@ class SSH:
             "-o", "ServerAliveInterval=5",
             "-o", "ServerAliveCountMax=3",
             "-o", "ControlMaster=auto",
-            "-o", f"ControlPath={self._control_dir}/%C",
+            "-o", f"ControlPath={self.control_dir}/%C",
             "-o", "ControlPersist=120",
             "-o", "LogLevel=ERROR",
         ]  # fmt: skip
@@ -123,17 +135,29 @@ class SSH:
         )
 
     async def close(self, hosts: list[Host]) -> None:
-        """Stop the multiplexing masters and remove their sockets."""
-        for host in hosts:
+        """Stop the multiplexing masters (all at once) and remove their sockets."""
+        if self._control_dir is None:
+            return
+        limit = asyncio.Semaphore(64)
+
+        async def stop(host: Host) -> None:
             args = self.argv(host, "true")[:-1]  # no remote command
             split = args.index("--")
             exit_args = [*args[:split], "-O", "exit", *args[split:]]
-            with contextlib.suppress(OSError):
+            async with limit:
                 process = await asyncio.create_subprocess_exec(
-                    *exit_args, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL
+                    *exit_args,
+                    stdin=asyncio.subprocess.DEVNULL,
+                    stdout=asyncio.subprocess.DEVNULL,
+                    stderr=asyncio.subprocess.DEVNULL,
                 )
                 await process.wait()
+
+        if os.listdir(self._control_dir):  # no socket: no master to stop
+            with contextlib.suppress(OSError):
+                await asyncio.gather(*(stop(h) for h in hosts))
         shutil.rmtree(self._control_dir, ignore_errors=True)
+        self._control_dir = None
 
 
 def python_command(script: str, *args: str) -> str:
