@@ -43,8 +43,6 @@ from roost.runtime.peer import Engine, EngineConfig, Pieces
 from roost.tracker.service import running_tracker
 
 HOOK_TAIL_LINES = 5
-# A --seeder host serves until the deploy closes its stdin, however long the others take.
-RELAY_LINGER = 7 * 24 * 3600.0
 
 
 @dataclass
@@ -212,7 +210,9 @@ async def _distribute(
     if relay is not None and relay not in live:
         fleet.reporter.phase(f"--seeder {relay.name} is unavailable: seeding from this machine")
         relay = None
-    async with _tracker(plan, advertise, manifest, secret, len(live)) as tracker_url:
+    # A --seeder host turns seeder once complete, and the tracker counts no seeder's completion.
+    expected = len(live) - (relay is not None)
+    async with _tracker(plan, advertise, manifest, secret, expected) as tracker_url:
         seeder = Engine(
             manifest,
             Pieces(plan.src, manifest, complete=True),
@@ -231,7 +231,7 @@ async def _distribute(
         try:
             if relay is not None:
                 fleet.reporter.phase(f"seeding {relay.name}, which then seeds the others")
-                await _fetch(fleet, relay, manifest, secret, tracker_url, limit, RELAY_LINGER)
+                await _fetch(fleet, relay, manifest, secret, tracker_url, limit, as_seeder=True)
                 if fleet.states[relay.name].state == "complete":
                     await _stop_seeder(seeder, seeding)
                 else:
@@ -297,7 +297,8 @@ async def _fetch(
     secret: bytes,
     tracker_url: str,
     limit: asyncio.Semaphore,
-    linger: float | None = None,
+    *,
+    as_seeder: bool = False,
 ) -> None:
     plan = fleet.plan
     probe = fleet.probes[host.name]
@@ -308,7 +309,7 @@ async def _fetch(
         "--tracker", tracker_url,
         "--listen", "0.0.0.0:0",
         "--advertise", probe.host_address,
-        "--linger", str(plan.linger if linger is None else linger),
+        "--linger", str(plan.linger),
         "--stall-timeout", str(plan.stall_timeout),
     ]  # fmt: skip
     if plan.tag:
@@ -319,6 +320,8 @@ async def _fetch(
         args += ["--rack", host.rack]
     if plan.activate and not plan.all_or_nothing:
         args.append("--activate")
+    if as_seeder:
+        args.append("--serve-as-seeder")  # then an origin for the others, until stdin closes
     command = " ".join(["python3", quote_path(probe.runtime), *map(shlex.quote, args)])
     async with limit:
         process = await fleet.ssh.start(host, command)

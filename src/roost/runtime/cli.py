@@ -101,6 +101,11 @@ def add_host_commands(commands: argparse._SubParsersAction) -> None:
         help="read the swarm secret and the manifest from stdin (as roost deploy sends them)"
         " and stop when stdin closes",
     )
+    p.add_argument(
+        "--serve-as-seeder",
+        action="store_true",
+        help="once complete, serve the others as an origin until stopped (roost deploy --seeder)",
+    )
     p.set_defaults(handler=cmd_fetch)
 
     p = commands.add_parser("seed", help="serve a release to its swarm from its source tree")
@@ -341,6 +346,7 @@ def cmd_fetch(args: argparse.Namespace) -> int:
             keep=args.keep,
             events=EventLog(args.events),
             stop_on_eof=sys.stdin.buffer if args.bootstrap_stdin else None,
+            serve_as_seeder=args.serve_as_seeder,
         )
     if not args.events:
         print(

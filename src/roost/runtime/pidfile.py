@@ -26,8 +26,10 @@ def recorded_process(directory: str = RUN_DIR) -> Iterator[None]:
     run_dir = os.path.expanduser(directory)
     os.makedirs(run_dir, mode=0o700, exist_ok=True)
     path = os.path.join(run_dir, f"{os.getpid()}.json")
-    with open(path, "w", encoding="utf-8") as f:
+    tmp = f"{path}.tmp"  # renamed into place: cleanup never reads a half-written record
+    with open(tmp, "w", encoding="utf-8") as f:
         json.dump({"pid": os.getpid(), "argv": argv}, f)
+    os.replace(tmp, path)
     try:
         yield
     finally:

@@ -120,12 +120,15 @@ def fetch(
     keep: int | None = None,
     events: EventLog | None = None,
     stop_on_eof: BinaryIO | None = None,
+    serve_as_seeder: bool = False,
 ) -> tuple[Release, Stats]:
     """Download ``manifest``'s release from the swarm into ``store``; serve it for a while.
 
     With ``stop_on_eof``, the end of that stream (the controller closed our
     stdin, or its SSH connection died) stops the peer: an unfinished download
-    is abandoned, a finished one stops lingering.
+    is abandoned, a finished one stops lingering. With ``serve_as_seeder``, a
+    host that holds the release becomes an origin for the others (announced
+    as a seeder, sparing its upload like one) and serves until stopped.
     """
     events = events or EventLog(False)
     name = check_release_name(name or manifest.short_id)
@@ -135,6 +138,7 @@ def fetch(
         existing = store.find(manifest.id)
     if existing is not None and existing.name == name:
         pieces = Pieces(os.path.join(store.releases_dir, name), manifest, complete=True)
+        config.seeder = serve_as_seeder
         with store.locked():
             _activate_and_prune(store, name, activate, keep)
         events.emit("complete", already_installed=True, **_counts(Stats()))
@@ -149,6 +153,7 @@ def fetch(
             release = store.commit(staging, name)
             _activate_and_prune(store, name, activate, keep)
         published.append(release)
+        config.seeder = serve_as_seeder
 
     pieces = Pieces(staging.root, manifest, complete=False, write=staging.write_verified_piece)
     engine = Engine(manifest, pieces, config, on_complete=publish, on_progress=events.progress)
