@@ -470,7 +470,7 @@ def test_token_file_is_created_private_and_reused(tmp_path: Path) -> None:
 
 RUN_COMMAND = """
 import argparse, sys
-from roost.tracker.service import add_tracker_command
+from roost.tracker.command import add_tracker_command
 parser = argparse.ArgumentParser(prog="roost")
 add_tracker_command(parser.add_subparsers())
 args = parser.parse_args(sys.argv[1:])

@@ -1,4 +1,8 @@
-"""The controller's command line: the runtime's host commands plus fleet-wide ones."""
+"""The controller's command line: the runtime's host commands plus fleet-wide ones.
+
+Only what parsing needs is imported up front; the deploy machinery, rich and
+aiohttp load inside the commands that use them, so ``roost pack`` starts fast.
+"""
 
 from __future__ import annotations
 
@@ -8,25 +12,17 @@ import os
 import sys
 import time
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-from rich.console import Console
-
-from roost.deploy.fleet import FleetPlan, cleanup_hosts, deploy_fleet, run_on_hosts
-from roost.deploy.inventory import Host, load_inventory
-from roost.deploy.local import LocalDeploy, deploy_local
-from roost.deploy.report import (
-    HostState,
-    JsonReporter,
-    PlainReporter,
-    Reporter,
-    RichReporter,
-    render_results,
-)
 from roost.deploy.ssh import HOST_KEY_POLICIES, SSH, SSHOptions
 from roost.runtime.cli import build_parser, parse_size, run
 from roost.runtime.errors import RoostError
 from roost.runtime.store import check_keep, check_release_name
-from roost.tracker.service import add_tracker_command
+from roost.tracker.command import add_tracker_command
+
+if TYPE_CHECKING:
+    from roost.deploy.inventory import Host
+    from roost.deploy.report import Reporter
 
 
 def add_inventory_options(p: argparse.ArgumentParser) -> None:
@@ -114,6 +110,8 @@ def add_controller_commands(commands: argparse._SubParsersAction) -> None:
 
 
 def _hosts(args: argparse.Namespace) -> list[Host]:
+    from roost.deploy.inventory import load_inventory
+
     stdin_text = sys.stdin.read() if args.hosts == "-" else None
     return load_inventory(
         hosts_file=args.hosts, host_list=args.host_list, group=args.group, stdin_text=stdin_text
@@ -144,6 +142,8 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     reporter = make_reporter(args.json)
     started = time.monotonic()
     if args.local is not None:
+        from roost.deploy.local import LocalDeploy, deploy_local
+
         if args.local < 1:
             raise RoostError("--local needs at least 1 host")
         if args.seeder is not None:
@@ -159,6 +159,8 @@ def cmd_deploy(args: argparse.Namespace) -> int:
         )
         hosts = asyncio.run(deploy_local(plan, reporter))
     else:
+        from roost.deploy.fleet import FleetPlan, deploy_fleet
+
         token = None
         if args.tracker_token_file:
             with open(args.tracker_token_file, encoding="utf-8") as f:
@@ -194,6 +196,8 @@ def cmd_rollback(args: argparse.Namespace) -> int:
         return args.host_handler(args)
     if args.fleet_dest is None:
         raise RoostError("rollback --hosts needs --dest DEST")
+    from roost.deploy.fleet import run_on_hosts
+
     hosts = _hosts(args)
     results = asyncio.run(
         run_on_hosts(hosts, _ssh(args), ["rollback", args.fleet_dest], args.concurrency)
@@ -202,11 +206,17 @@ def cmd_rollback(args: argparse.Namespace) -> int:
 
 
 def cmd_cleanup(args: argparse.Namespace) -> int:
+    from roost.deploy.fleet import cleanup_hosts
+
     results = asyncio.run(cleanup_hosts(_hosts(args), _ssh(args), args.concurrency))
     return _report_fleet_command("cleanup", results)
 
 
 def _report_fleet_command(what: str, results: dict[str, tuple[int, str]]) -> int:
+    from rich.console import Console
+
+    from roost.deploy.report import HostState, render_results
+
     states = []
     for name, (code, message) in results.items():
         state = HostState(name, "")
@@ -220,6 +230,10 @@ def _report_fleet_command(what: str, results: dict[str, tuple[int, str]]) -> int
 
 
 def make_reporter(json_events: bool) -> Reporter:
+    from rich.console import Console
+
+    from roost.deploy.report import JsonReporter, PlainReporter, RichReporter
+
     if json_events:
         return JsonReporter()
     if sys.stdout.isatty():

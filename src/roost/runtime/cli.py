@@ -16,17 +16,18 @@ import sys
 import threading
 import time
 from collections.abc import Sequence
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from roost import __version__
 from roost.runtime.errors import RoostError
 from roost.runtime.manifest import Manifest, load_manifest
 from roost.runtime.pack import DEFAULT_EXCLUDES, pack
-from roost.runtime.peer import EngineConfig
 from roost.runtime.pidfile import recorded_process
 from roost.runtime.store import Store, check_keep, check_release_name, install
-from roost.runtime.swarm import EventLog, fetch, read_bootstrap, read_secret, seed
 from roost.runtime.tree import TreeSource, verify_tree
+
+if TYPE_CHECKING:  # the swarm's modules load only for the commands that use them
+    from roost.runtime.peer import EngineConfig
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -175,6 +176,9 @@ def add_swarm_options(p: argparse.ArgumentParser) -> None:
 
 
 def engine_config(args: argparse.Namespace, secret: bytes | None = None) -> EngineConfig:
+    from roost.runtime.peer import EngineConfig
+    from roost.runtime.swarm import read_secret
+
     if not args.tracker and not args.peer and not getattr(args, "src", None):
         raise RoostError("nowhere to fetch from: give --tracker URL or --peer HOST:PORT")
     host, port = args.listen
@@ -322,6 +326,8 @@ def cmd_releases(args: argparse.Namespace) -> int:
 
 
 def cmd_fetch(args: argparse.Namespace) -> int:
+    from roost.runtime.swarm import EventLog, fetch, read_bootstrap
+
     if args.bootstrap_stdin:
         secret, data = read_bootstrap(sys.stdin.buffer)
         manifest = Manifest.from_bytes(data)
@@ -359,6 +365,8 @@ def cmd_fetch(args: argparse.Namespace) -> int:
 
 
 def cmd_seed(args: argparse.Namespace) -> int:
+    from roost.runtime.swarm import seed
+
     manifest = load_manifest(args.manifest)
     config = engine_config(args)
     print(f"seeding release {manifest.short_id} from {args.src}", file=sys.stderr)

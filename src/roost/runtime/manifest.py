@@ -180,6 +180,7 @@ class Manifest:
     """A validated release manifest. Immutable; construct it only with valid data."""
 
     __slots__ = (
+        "_bytes",
         "_id",
         "_starts",
         "dirs",
@@ -210,6 +211,7 @@ class Manifest:
         self.total_size = 0
         self._starts: list[int] = []
         self._id: str | None = None
+        self._bytes: bytes | None = None
         self._validate()
 
     # -- validation -----------------------------------------------------------------
@@ -324,8 +326,12 @@ class Manifest:
 
     def to_bytes(self) -> bytes:
         """The canonical serialization: the same release gives the same bytes anywhere."""
-        text = json.dumps(self.to_json(), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-        return text.encode("utf-8") + b"\n"
+        if self._bytes is None:  # the manifest is immutable: serialize once
+            text = json.dumps(
+                self.to_json(), sort_keys=True, separators=(",", ":"), ensure_ascii=False
+            )
+            self._bytes = text.encode("utf-8") + b"\n"
+        return self._bytes
 
     @classmethod
     def from_bytes(cls, data: bytes) -> Manifest:

@@ -12,7 +12,6 @@ Run it with ``roost tracker`` (``run_tracker``), or in-process with
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import hmac
@@ -45,6 +44,7 @@ from roost.runtime.announce import (
     verify,
 )
 from roost.runtime.errors import RoostError
+from roost.tracker import DEFAULT_HOST
 from roost.tracker.db import KeyConflict, PeerRecord, SwarmRecord, TrackerStore
 from roost.tracker.policy import (
     DEFAULT_HANDOUT,
@@ -61,8 +61,6 @@ from roost.tracker.policy import (
 log = logging.getLogger("roost.tracker")
 
 Clock = Callable[[], float]
-DEFAULT_HOST = "127.0.0.1"
-DEFAULT_PORT = 6969
 
 
 @dataclass(frozen=True)
@@ -491,39 +489,3 @@ def _read_token(path: str | os.PathLike[str]) -> str:
     if not token:
         raise RoostError(f"{os.fspath(path)} is empty: delete it to generate a new token")
     return token
-
-
-# -- command line -------------------------------------------------------------------------
-
-
-def add_tracker_command(commands: argparse._SubParsersAction) -> None:
-    """``roost tracker``: run the tracker service in the foreground."""
-    p = commands.add_parser("tracker", help="run the tracker service (swarm membership)")
-    p.add_argument("--host", default=DEFAULT_HOST, help=f"address to bind (default {DEFAULT_HOST})")
-    p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"default {DEFAULT_PORT}")
-    p.add_argument("--db", default="roost-tracker.db", metavar="FILE", help="SQLite state file")
-    p.add_argument(
-        "--token-file",
-        metavar="FILE",
-        help="admin token file, created (0600) if missing (default: DB file + .token)",
-    )
-    p.add_argument(
-        "--degree",
-        type=int,
-        default=DEFAULT_HANDOUT.degree,
-        help=f"neighbours per peer (default {DEFAULT_HANDOUT.degree})",
-    )
-    p.set_defaults(handler=cmd_tracker)
-
-
-def cmd_tracker(args: argparse.Namespace) -> int:
-    token_file = args.token_file or f"{args.db}.token"
-    token, created = load_or_create_token(token_file)
-    verb = "wrote a new" if created else "using the"
-    print(f"{verb} admin token in {token_file}")
-    try:
-        handout = HandoutConfig.for_degree(args.degree)
-    except ValueError as exc:
-        raise RoostError(str(exc)) from None
-    run_tracker(args.host, args.port, args.db, admin_token=token, config=TrackerConfig(handout))
-    return 0
