@@ -43,7 +43,10 @@ IDLE_TIMEOUT = 60.0
 KEEPALIVE_INTERVAL = 15.0
 RETRY_BASE = 0.5
 RETRY_CAP = 30.0
-REJECT_PAUSE = 1.0  # seconds before re-asking a neighbour that rejected a request
+REJECT_PAUSE = 1.0
+# Received pieces waiting to be verified and written may hold this much memory before
+# no new requests go out: a peer's memory stays bounded whatever the release size.
+PENDING_LIMIT = 8 << 20  # seconds before re-asking a neighbour that rejected a request
 
 
 @dataclass
@@ -230,6 +233,7 @@ class Engine:
         self._tasks: set[asyncio.Task] = set()
         self._progress: asyncio.Event | None = None  # made in run(): 3.9 binds it to a loop
         self._stop_requested = False
+        self._pending = 0  # bytes of received pieces still being verified or written
         self._workers = ThreadPoolExecutor(max_workers=2, thread_name_prefix="roost-io")
         self._files: dict[str, Any] = {}
         self._source_checks: dict[int, asyncio.Future] = {}
@@ -695,10 +699,19 @@ class Engine:
             return
         del neighbour.downloads[block.piece]
         neighbour.in_flight -= download.length
+        self._pending += download.length
         self._spawn(self._complete_piece(neighbour, download))
         self._refill(neighbour)  # keep the link busy while the piece is checked and written
 
     async def _complete_piece(self, neighbour: Neighbour, download: _Download) -> None:
+        try:
+            await self._verify_and_store(neighbour, download)
+        finally:
+            self._pending -= download.length
+        if not self.completed:
+            self._refill_all()  # room in the pipeline again
+
+    async def _verify_and_store(self, neighbour: Neighbour, download: _Download) -> None:
         index = download.index
         loop = asyncio.get_running_loop()
         data = download.buffer
@@ -714,7 +727,6 @@ class Engine:
             self._close(neighbour, "sent a corrupt piece")
             return
         if not self.missing[index]:
-            self._refill(neighbour)
             return  # an endgame duplicate that lost the race
         self.missing[index] = 0
         await loop.run_in_executor(self._workers, self.pieces.store, index, data)
@@ -736,8 +748,6 @@ class Engine:
             other.outbox.put_nowait(wire.Have(index))
         if self.pieces.complete and not self._finishing:
             await self._finish()
-        else:
-            self._refill_all()
         if self.on_progress is not None:
             self.on_progress(self)
         self._progress.set()
@@ -763,6 +773,8 @@ class Engine:
         """Keep enough requests in flight to this neighbour to fill the link."""
         if self.completed or neighbour.closed:
             return
+        if self._pending >= max(PENDING_LIMIT, 2 * self.manifest.piece_size):
+            return  # disk or hashing is behind: received pieces wait; no more until they drain
         target = max(self.config.in_flight_bytes, 2 * self.manifest.piece_size)
         room = target - neighbour.in_flight
         if room <= 0:
