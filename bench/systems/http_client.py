@@ -23,6 +23,8 @@ import time
 from urllib.parse import quote, urlsplit
 
 CHUNK = 1 << 20
+STALL_TIMEOUT = 20.0
+ATTEMPTS = 8
 
 
 def emit(event: str, **fields: object) -> None:
@@ -40,7 +42,10 @@ def main() -> int:
     host, port = parts.hostname, parts.port or 80
 
     def connect() -> http.client.HTTPConnection:
-        return http.client.HTTPConnection(host, port, timeout=60)
+        # With 64 flows through the origin's shaped link, a TCP flow can sit in
+        # retransmission backoff for minutes; a stalled transfer is retried on a new
+        # connection instead (see worker), as a real download client would.
+        return http.client.HTTPConnection(host, port, timeout=STALL_TIMEOUT)
 
     conn = connect()
     conn.request("GET", "/index.json")
@@ -67,29 +72,38 @@ def main() -> int:
                 entry = work.get_nowait()
             except queue.Empty:
                 break
-            try:
-                c.request("GET", "/f/" + quote(entry["path"]))
-                r = c.getresponse()
-                if r.status != 200:
-                    raise OSError(f"HTTP {r.status}")
-                path = os.path.join(args.dest, entry["path"])
-                os.makedirs(os.path.dirname(path), exist_ok=True)
-                digest = hashlib.sha256()
-                with open(path, "wb") as f:
-                    while True:
-                        n = r.readinto(buf)
-                        if not n:
-                            break
-                        digest.update(view[:n])
-                        f.write(view[:n])
-                        with lock:
-                            done[0] += n
-                if digest.hexdigest() != entry["sha256"]:
-                    raise OSError("sha256 mismatch")
-                os.chmod(path, entry["mode"])
-            except (OSError, http.client.HTTPException) as exc:
-                errors.append(f"{entry['path']}: {exc}")
-                return
+            for attempt in range(ATTEMPTS):
+                got = 0
+                try:
+                    c.request("GET", "/f/" + quote(entry["path"]))
+                    r = c.getresponse()
+                    if r.status != 200:
+                        raise OSError(f"HTTP {r.status}")
+                    path = os.path.join(args.dest, entry["path"])
+                    os.makedirs(os.path.dirname(path), exist_ok=True)
+                    digest = hashlib.sha256()
+                    with open(path, "wb") as f:
+                        while True:
+                            n = r.readinto(buf)
+                            if not n:
+                                break
+                            digest.update(view[:n])
+                            f.write(view[:n])
+                            got += n
+                            with lock:
+                                done[0] += n
+                    if digest.hexdigest() != entry["sha256"]:
+                        raise OSError("sha256 mismatch")
+                    os.chmod(path, entry["mode"])
+                    break
+                except (OSError, http.client.HTTPException) as exc:
+                    with lock:
+                        done[0] -= got
+                    c.close()
+                    if attempt == ATTEMPTS - 1:
+                        errors.append(f"{entry['path']}: {exc}")
+                        return
+                    c = connect()  # a stalled flow: start the file again on a fresh one
         c.close()
 
     threads = [threading.Thread(target=worker, daemon=True) for _ in range(args.connections)]
