@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from roost.deploy.ssh import HOST_KEY_POLICIES, SSH, SSHOptions
-from roost.runtime.cli import build_parser, parse_size, run
+from roost.runtime.cli import add_lifetime_options, build_parser, parse_size, run
 from roost.runtime.errors import RoostError
 from roost.runtime.store import check_keep, check_release_name
 from roost.tracker.command import add_tracker_command
@@ -66,14 +66,7 @@ def add_controller_commands(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--tag", metavar="NAME", help="release directory name (default: short id)")
     p.add_argument("--keep", type=int, metavar="K", help="then keep only K releases per host")
     p.add_argument("--piece-size", type=parse_size, metavar="SIZE", help="force a piece size")
-    p.add_argument(
-        "--linger",
-        type=float,
-        default=30.0,
-        metavar="SECONDS",
-        help="hosts keep serving this long after completing, unless all are done (default 30)",
-    )
-    p.add_argument("--stall-timeout", type=float, default=300.0, metavar="SECONDS")
+    add_lifetime_options(p, "hosts keep")
     p.add_argument(
         "--all-or-nothing",
         action="store_true",

@@ -157,15 +157,20 @@ def add_swarm_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--advertise", metavar="HOST", help="address other peers should dial")
     p.add_argument("--rack", metavar="LABEL", help="this host's rack, for neighbour choice")
+    add_lifetime_options(p)
+    p.add_argument("--upload-rate", type=parse_size, metavar="BYTES/S", help="upload limit")
+    p.add_argument("--download-rate", type=parse_size, metavar="BYTES/S", help="download limit")
+
+
+def add_lifetime_options(p: argparse.ArgumentParser, who: str = "keep") -> None:
+    """How long a peer serves after completing, and when a download gives up."""
     p.add_argument(
         "--linger",
         type=float,
         default=30.0,
         metavar="SECONDS",
-        help="keep serving this long after completing, unless the swarm is done (default 30)",
+        help=f"{who} serving this long after completing, unless the swarm is done (default 30)",
     )
-    p.add_argument("--upload-rate", type=parse_size, metavar="BYTES/S", help="upload limit")
-    p.add_argument("--download-rate", type=parse_size, metavar="BYTES/S", help="download limit")
     p.add_argument(
         "--stall-timeout",
         type=float,
