@@ -46,6 +46,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from bench.common import argv_used, log
 from roost import __version__ as roost_version
 from roost.runtime.cli import format_size, parse_size
 
@@ -192,12 +193,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def argv_used(argv: list[str] | None) -> list[str]:
-    return list(sys.argv[1:] if argv is None else argv)
-
-
 def say(message: str) -> None:
-    print(f"[bench.pack {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+    log("bench.pack", message)
 
 
 # -- trees --------------------------------------------------------------------------------

@@ -52,6 +52,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+from bench.common import argv_used, log
 from bench.pack import large_tree, machine_info, warm_cache
 from roost import __version__ as roost_version
 from roost.runtime.cli import format_size, parse_size
@@ -200,12 +201,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def argv_used(argv: list[str] | None) -> list[str]:
-    return list(sys.argv[1:] if argv is None else argv)
-
-
 def say(message: str) -> None:
-    print(f"[bench.swarm {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+    log("bench.swarm", message)
 
 
 # -- releases -----------------------------------------------------------------------------

@@ -28,13 +28,13 @@ from __future__ import annotations
 import argparse
 import atexit
 import contextlib
+import functools
 import ipaddress
 import json
 import os
 import re
 import selectors
 import shutil
-import signal
 import socket
 import statistics
 import subprocess
@@ -44,6 +44,10 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Callable
+
+from bench import netns as _netns
+from bench.netns import NetnsError, tool
+from bench.netns import alive as _alive
 
 PREFIX = "roost-b"  # namespaces and work directories: roost-b<pid>-...
 SUBNET_FIRST = 217  # the testbed's subnet: the first 10.<k>.0.0/16 (k >= 217) no route overlaps
@@ -59,17 +63,9 @@ SELF_CHECK_SHARE = 0.90  # of the nominal rate, per host, for the self-check to 
 PROBE_PORT = 5201
 PROBE_CHUNK = 256 * KiB
 
-_SEARCH_PATH = os.pathsep.join(
-    [os.environ.get("PATH", ""), "/usr/local/sbin", "/usr/sbin", "/sbin", "/usr/bin", "/bin"]
-)
 
-
-class TestbedError(RuntimeError):
+class TestbedError(NetnsError):
     """The testbed could not be built, used or torn down."""
-
-
-def tool(name: str) -> str | None:
-    return shutil.which(name, path=_SEARCH_PATH)
 
 
 def missing_requirements() -> list[str]:
@@ -154,52 +150,9 @@ class Tbf:
 # processes
 
 
-def _run(argv: Sequence[str], *, check: bool = True, timeout: float = 30) -> str:
-    try:
-        result = subprocess.run(
-            list(argv), capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL
-        )
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        raise TestbedError(f"{' '.join(argv)}: {exc}") from exc
-    if check and result.returncode != 0:
-        raise TestbedError(f"{' '.join(argv)} exited {result.returncode}: {result.stderr.strip()}")
-    return result.stdout
-
-
-def _ip(*args: str, netns: str | None = None, check: bool = True) -> str:
-    argv = [tool("ip") or "ip"]
-    if netns is not None:
-        argv += ["-n", netns]
-    return _run([*argv, *args], check=check)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            state = f.read().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state not in ("Z", "X")
-
-
-def netns_pids(netns: str) -> list[int]:
-    out = _ip("netns", "pids", netns, check=False)
-    return [int(p) for p in out.split() if p.isdigit() and int(p) != os.getpid()]
-
-
-def kill_netns_processes(netns: str, *, timeout: float = 10.0) -> None:
-    """SIGKILL everything in ``netns`` until nothing is left (new children included)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        pids = netns_pids(netns)
-        if not pids:
-            return
-        if time.monotonic() > deadline:
-            raise TestbedError(f"processes in {netns} survive SIGKILL: {pids}")
-        for pid in pids:
-            with contextlib.suppress(OSError):
-                os.kill(pid, signal.SIGKILL)
-        time.sleep(0.05)
+_run = functools.partial(_netns.run, error=TestbedError)
+_ip = functools.partial(_netns.ip, error=TestbedError)
+kill_netns_processes = functools.partial(_netns.kill_netns_processes, error=TestbedError)
 
 
 # ---------------------------------------------------------------------------

@@ -47,13 +47,13 @@ from __future__ import annotations
 import atexit
 import contextlib
 import fcntl
+import functools
 import ipaddress
 import itertools
 import os
 import re
 import shlex
 import shutil
-import signal
 import socket
 import subprocess
 import tempfile
@@ -64,6 +64,10 @@ from pathlib import Path
 from typing import Callable
 
 import pytest
+from bench import netns as _netns
+from bench.netns import NetnsError
+from bench.netns import alive as _alive
+from bench.netns import tool as _tool
 
 PREFIX = "roost-t"  # namespaces and directories: roost-t<pid>-<seq>-...
 LINK_PREFIX = "rft"  # the controller's veth in the root namespace: rft<pid>x<seq>
@@ -89,18 +93,11 @@ TOOLS = {
 }
 APT_PACKAGES = sorted(set(TOOLS.values()) | {"python3"})
 
-_SEARCH_PATH = os.pathsep.join(
-    [os.environ.get("PATH", ""), "/usr/local/sbin", "/usr/sbin", "/sbin", "/usr/bin", "/bin"]
-)
 _seq = itertools.count()
 
 
-class FleetError(RuntimeError):
+class FleetError(NetnsError):
     """The fleet could not be set up or torn down."""
-
-
-def _tool(name: str) -> str | None:
-    return shutil.which(name, path=_SEARCH_PATH)
 
 
 def missing_requirements() -> list[str]:
@@ -153,61 +150,10 @@ def skip_unless_possible() -> None:
 # small process helpers
 
 
-def _run(argv: Sequence[str], *, check: bool = True, timeout: float = 30) -> str:
-    try:
-        result = subprocess.run(
-            list(argv), capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL
-        )
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        raise FleetError(f"{shlex.join(argv)}: {exc}") from exc
-    if check and result.returncode != 0:
-        raise FleetError(f"{shlex.join(argv)} exited {result.returncode}: {result.stderr.strip()}")
-    return result.stdout
-
-
-def _ip(*args: str, netns: str | None = None, check: bool = True) -> str:
-    argv = [_tool("ip") or "ip"]
-    if netns is not None:
-        argv += ["-n", netns]
-    return _run([*argv, *args], check=check)
-
-
-def _alive(pid: int) -> bool:
-    """True if ``pid`` is a live process (zombies count as dead)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            state = f.read().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state not in ("Z", "X")
-
-
-def _netns_pids(netns: str) -> list[int]:
-    out = _ip("netns", "pids", netns, check=False)
-    return [int(p) for p in out.split() if p.isdigit()]
-
-
-def _kill_pids(pids: Sequence[int], *, timeout: float = 10.0) -> None:
-    for pid in pids:
-        with contextlib.suppress(OSError):
-            os.kill(pid, signal.SIGKILL)
-    deadline = time.monotonic() + timeout
-    while any(_alive(p) for p in pids):
-        if time.monotonic() > deadline:
-            raise FleetError(f"processes survive SIGKILL: {[p for p in pids if _alive(p)]}")
-        time.sleep(0.01)
-
-
-def _kill_netns_processes(netns: str, *, timeout: float = 10.0) -> None:
-    """SIGKILL everything in ``netns`` until nothing is left (new children included)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        pids = [p for p in _netns_pids(netns) if p != os.getpid()]
-        if not pids:
-            return
-        if time.monotonic() > deadline:
-            raise FleetError(f"processes in {netns} survive SIGKILL: {pids}")
-        _kill_pids(pids, timeout=max(0.1, deadline - time.monotonic()))
+_ip = functools.partial(_netns.ip, error=FleetError)
+_netns_pids = functools.partial(_netns.netns_pids, error=FleetError)
+_kill_pids = functools.partial(_netns.kill_pids, error=FleetError)
+_kill_netns_processes = functools.partial(_netns.kill_netns_processes, error=FleetError)
 
 
 def _pid_is_dead(pid_text: str) -> bool:

@@ -227,7 +227,7 @@ def test_teardown_after_a_failing_test_body(lib: ModuleType) -> None:
 
 CRASHING_RUN = """
 import json, os, signal, sys
-sys.path.insert(0, sys.argv[1])
+sys.path[:0] = [sys.argv[1], os.path.dirname(sys.argv[1])]  # tests/, the repo root
 from fleet import Fleet
 f = Fleet(2).start()
 pids = [p for h in f.hosts for p in f.pids(h)]
