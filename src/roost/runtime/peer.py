@@ -43,10 +43,10 @@ IDLE_TIMEOUT = 60.0
 KEEPALIVE_INTERVAL = 15.0
 RETRY_BASE = 0.5
 RETRY_CAP = 30.0
-REJECT_PAUSE = 1.0
+REJECT_PAUSE = 1.0  # seconds before re-asking a neighbour that rejected a request
 # Received pieces waiting to be verified and written may hold this much memory before
 # no new requests go out: a peer's memory stays bounded whatever the release size.
-PENDING_LIMIT = 8 << 20  # seconds before re-asking a neighbour that rejected a request
+PENDING_LIMIT = 16 << 20
 
 
 @dataclass
@@ -234,6 +234,7 @@ class Engine:
         self._progress: asyncio.Event | None = None  # made in run(): 3.9 binds it to a loop
         self._stop_requested = False
         self._pending = 0  # bytes of received pieces still being verified or written
+        self._held_back: set[Neighbour] = set()  # refills skipped while _pending was full
         self._workers = ThreadPoolExecutor(max_workers=2, thread_name_prefix="roost-io")
         self._files: dict[str, Any] = {}
         self._source_checks: dict[int, asyncio.Future] = {}
@@ -708,8 +709,9 @@ class Engine:
             await self._verify_and_store(neighbour, download)
         finally:
             self._pending -= download.length
-        if not self.completed:
-            self._refill_all()  # room in the pipeline again
+        held_back, self._held_back = self._held_back, set()
+        for waiting in held_back:  # room in the pipeline again
+            self._refill(waiting)
 
     async def _verify_and_store(self, neighbour: Neighbour, download: _Download) -> None:
         index = download.index
@@ -745,9 +747,12 @@ class Engine:
                 other.in_flight -= stale.length
                 for offset, size in stale.outstanding:
                     other.outbox.put_nowait(wire.Cancel(index, offset, size))
+                self._refill(other)
             other.outbox.put_nowait(wire.Have(index))
         if self.pieces.complete and not self._finishing:
             await self._finish()
+        elif picker.in_endgame(self.missing.count(1), len(self.neighbours)):
+            self._refill_all()  # idle neighbours may now race for the last pieces
         if self.on_progress is not None:
             self.on_progress(self)
         self._progress.set()
@@ -774,7 +779,10 @@ class Engine:
         if self.completed or neighbour.closed:
             return
         if self._pending >= max(PENDING_LIMIT, 2 * self.manifest.piece_size):
-            return  # disk or hashing is behind: received pieces wait; no more until they drain
+            # Disk or hashing is behind: received pieces wait, and no more are asked for
+            # until they drain (then _complete_piece refills the neighbours held back).
+            self._held_back.add(neighbour)
+            return
         target = max(self.config.in_flight_bytes, 2 * self.manifest.piece_size)
         room = target - neighbour.in_flight
         if room <= 0:
