@@ -47,6 +47,7 @@ REJECT_PAUSE = 1.0  # seconds before re-asking a neighbour that rejected a reque
 # Received pieces waiting to be verified and written may hold this much memory before
 # no new requests go out: a peer's memory stays bounded whatever the release size.
 PENDING_LIMIT = 16 << 20
+MAX_BATCHED_MESSAGES = 256  # small messages coalesced into one send
 
 
 @dataclass
@@ -543,16 +544,28 @@ class Engine:
 
     async def _write_loop(self, neighbour: Neighbour) -> None:
         loop = asyncio.get_running_loop()
+        outbox = neighbour.outbox
         try:
+            item = await outbox.get()
             while True:
-                item = await neighbour.outbox.get()
                 if isinstance(item, _Upload):
                     await self._send_upload(neighbour, item)
-                else:
-                    frame = neighbour.conn.send(item)
+                    item = await outbox.get()
+                    continue
+                # Small messages queued together (Have, Request, Cancel...) leave in one
+                # send: a piece's Have goes to every neighbour, so this saves many syscalls.
+                frames = []
+                while not isinstance(item, _Upload):
+                    frames.append(neighbour.conn.send(item))
                     if isinstance(item, wire.Request):
                         neighbour.requests_queued -= 1
-                    await loop.sock_sendall(neighbour.sock, frame)
+                    if outbox.empty() or len(frames) >= MAX_BATCHED_MESSAGES:
+                        item = None
+                        break
+                    item = outbox.get_nowait()
+                await loop.sock_sendall(neighbour.sock, b"".join(frames))
+                if item is None:
+                    item = await outbox.get()
         except (OSError, wire.ProtocolError, wire.LocalProtocolError) as exc:
             log.info("sending to %s failed: %s", neighbour.address, exc)
             self._close(neighbour, "send failed")
