@@ -80,9 +80,6 @@ class Stats:
     started: float = 0.0
     completed: float | None = None
 
-    def as_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
-
 
 class Pieces:
     """Where a release's pieces live on this host: a tree that is complete or being filled.
@@ -128,7 +125,7 @@ class Pieces:
             data = read_piece(self.root, self.manifest, index)
         except (OSError, IntegrityError):  # read_piece: missing, unreadable or truncated file
             return False
-        return hashlib.sha256(data).digest() == self.manifest.pieces[index]
+        return _verify(data, self.manifest.pieces[index])
 
     def open(self, path: str) -> Any:
         """A file of the release, by its path in the manifest, for reading."""
@@ -188,7 +185,6 @@ class Neighbour:
         self.requests_queued = 0  # Requests in the outbox, not yet in the protocol's ledger
         self.short_of_slots = False  # _refill held back: refill again as answers come in
         self.closed = False
-        self.last_received = engine.clock()
 
     @property
     def is_origin(self) -> bool:
@@ -528,7 +524,6 @@ class Engine:
             n = await asyncio.wait_for(loop.sock_recv_into(neighbour.sock, buffer), IDLE_TIMEOUT)
             if neighbour.closed:
                 return  # we closed it (_close): what is left of the stream does not matter
-            neighbour.last_received = self.clock()
             neighbour.conn.receive_data(view[:n])
             if n and self._download_limit is not None:
                 await self._download_limit.consume(n)
