@@ -295,7 +295,8 @@ def _bench(
     b, bo = check["bandwidth_Bps"], check["origin_bandwidth_Bps"]
     limit = report.t_min(size, n, b, bo)
     timeout = args.timeout or max(60.0, 3 * n * size / bo + 60)
-    bench = Bench(testbed, release, workdir, timeout)
+    logs = os.path.join(os.path.abspath(args.out), "logs")
+    bench = Bench(testbed, release, workdir, timeout, logs=logs)
     for s in systems:
         s.prepare(bench)
 

@@ -1,5 +1,6 @@
 """The benchmark's figures (from the runs' raw measurements) and its outputs: results.json,
-results.md (a markdown table) and completion.png (every host's completion time)."""
+results.md (a markdown table), completion.png (every host's completion time) and
+progress.png (the share of the release the fleet holds over time, against the limit)."""
 
 from __future__ import annotations
 
@@ -34,6 +35,7 @@ def run_figures(run: dict[str, Any], size: int, limit: float, racks: int) -> dic
         "origin_egress_bytes": egress,
         "origin_egress_ratio": egress / size if measured else None,
         "cpu_seconds": run["cpu_seconds"],
+        "cpu_system_seconds": run.get("cpu_system_seconds"),
         "cpu_seconds_origin": run["cpu_seconds_origin"],
         "cpu_idle": run["cpu_idle"],
         "cpu_idle_min_1s": run["cpu_idle_min_1s"],
@@ -59,7 +61,7 @@ def summarize(runs: list[dict[str, Any]], size: int, limit: float, racks: int) -
     """One system's figures over its runs: medians (a figure is null if a run lacks it)."""
     per_run = [run_figures(r, size, limit, racks) for r in runs]
     keys = ["t_first", "t_p50", "t_last", "eta", "origin_egress_ratio", "origin_egress_bytes",
-            "cpu_seconds", "cpu_seconds_origin", "cpu_idle"]  # fmt: skip
+            "cpu_seconds", "cpu_system_seconds", "cpu_seconds_origin", "cpu_idle"]  # fmt: skip
     if racks:
         keys += ["cross_rack_ratio", "cross_rack_bytes"]
     summary: dict[str, Any] = {k: _median([f[k] for f in per_run]) for k in keys}
@@ -70,7 +72,13 @@ def summarize(runs: list[dict[str, Any]], size: int, limit: float, racks: int) -
     hosts = list(runs[0]["host_times"])
     summary["host_times"] = {h: _median([r["host_times"][h] for r in runs]) for h in hosts}
     summary["runs"] = [
-        {**f, "host_times": r["host_times"], "problems": r["problems"], "wall_s": r["wall_s"]}
+        {
+            **f,
+            "host_times": r["host_times"],
+            "host_progress": r.get("host_progress", {}),
+            "problems": r["problems"],
+            "wall_s": r["wall_s"],
+        }
         for f, r in zip(per_run, runs)
     ]
     return summary
@@ -158,17 +166,78 @@ def markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def chart(results: dict[str, Any], path: str) -> str | None:
-    """A PNG: hosts holding the release over time, per system, with T_min. None if
-    matplotlib is missing."""
+def _pyplot() -> Any:
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-        from matplotlib.ticker import MaxNLocator
     except ImportError:
         return None
+    return plt
+
+
+def _title(sc: dict[str, Any]) -> str:
+    return (
+        f"{sc['hosts']} hosts, {sc['size_bytes'] / MiB:.0f} MiB, B = {sc['bandwidth']},"
+        f" B_origin = {sc['origin_bandwidth']}" + (f", {sc['racks']} racks" if sc["racks"] else "")
+    )
+
+
+def fleet_progress(run: dict[str, Any], step: float = 0.25) -> tuple[list[float], list[float]]:
+    """The share of the release the whole fleet holds over time (mean over hosts), from
+    each host's progress reports, sampled every ``step`` seconds."""
+    timelines = list(run.get("host_progress", {}).values())
+    if not timelines or not any(timelines):
+        return [], []
+    end = max(t for tl in timelines for t, _ in tl) if any(timelines) else 0.0
+    xs = [i * step for i in range(int(end / step) + 2)]
+    ys = []
+    for x in xs:
+        total = 0.0
+        for tl in timelines:
+            total += max((f for t, f in tl if t <= x), default=0.0)
+        ys.append(total / len(timelines))
+    return xs, ys
+
+
+def progress_chart(results: dict[str, Any], path: str) -> str | None:
+    """A PNG: the share of the release held by the fleet over time, per system, against
+    the physical limit (a straight line reaching 100 % at T_min)."""
+    plt = _pyplot()
+    if plt is None:
+        return None
+    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=120)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, (name, s) in enumerate(results["systems"].items()):
+        for k, run in enumerate(s["runs"]):
+            xs, ys = fleet_progress(run)
+            if xs:
+                ax.plot(xs, [100 * y for y in ys], color=colors[i % len(colors)],
+                        alpha=0.9 if k == 0 else 0.35, label=name if k == 0 else None)  # fmt: skip
+    limit = results["testbed"]["t_min"]
+    ax.plot([0, limit], [0, 100], color="black", linestyle="--", linewidth=1, label="limit")
+    ax.set_xlabel("seconds since launch")
+    ax.set_ylabel("% of the release held, fleet average")
+    ax.set_ylim(0, 102)
+    ax.set_xlim(left=0)
+    ax.set_title(_title(results["scenario"]), fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def chart(results: dict[str, Any], path: str) -> str | None:
+    """A PNG: hosts holding the release over time, per system, with T_min. None if
+    matplotlib is missing."""
+    plt = _pyplot()
+    if plt is None:
+        return None
+    from matplotlib.ticker import MaxNLocator
+
     sc = results["scenario"]
     fig, ax = plt.subplots(figsize=(8, 4.5), dpi=120)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
@@ -192,11 +261,7 @@ def chart(results: dict[str, Any], path: str) -> str | None:
     ax.set_ylim(0, sc["hosts"] + 0.5)
     ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlim(left=0)
-    ax.set_title(
-        f"{sc['hosts']} hosts, {sc['size_bytes'] / MiB:.0f} MiB, B = {sc['bandwidth']},"
-        f" B_origin = {sc['origin_bandwidth']}" + (f", {sc['racks']} racks" if sc["racks"] else ""),
-        fontsize=10,
-    )
+    ax.set_title(_title(sc), fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
@@ -217,7 +282,8 @@ def write(results: dict[str, Any], out: str) -> list[str]:
     with open(path, "w") as f:
         f.write(markdown(results))
     written.append(path)
-    png = chart(results, os.path.join(out, "completion.png"))
-    if png:
-        written.append(png)
+    for draw, name in ((chart, "completion.png"), (progress_chart, "progress.png")):
+        png = draw(results, os.path.join(out, name))
+        if png:
+            written.append(png)
     return written

@@ -197,8 +197,9 @@ class Peer(Child):
 class TrackerProcess:
     """The tracker service in a child process on a fixed port, with its state in SQLite."""
 
-    def __init__(self, workdir: Path, port: int | None = None) -> None:
+    def __init__(self, workdir: Path, port: int | None = None, *, relay: bool = True) -> None:
         self.workdir = workdir
+        self.relay = relay  # False: no relay plan, a plain swarm
         self.port = port or free_port()
         self.db = workdir / "tracker.sqlite"
         self.token = secrets.token_hex(16)
@@ -210,16 +211,25 @@ class TrackerProcess:
         assert self.child is None or not self.child.running()
         code = (
             "import sys\n"
-            "from roost.tracker.service import run_tracker\n"
+            "from roost.tracker.service import TrackerConfig, run_tracker\n"
+            "config = TrackerConfig() if sys.argv[4] == 'relay' else TrackerConfig(relay=None)\n"
             "run_tracker('127.0.0.1', int(sys.argv[1]), sys.argv[2], admin_token=sys.argv[3],"
-            " say=lambda s: print(s, flush=True))\n"
+            " config=config, say=lambda s: print(s, flush=True))\n"
         )
         self.starts += 1
         if self.child is not None:
             self.child.close()
         self.child = Child(
             "tracker",
-            [sys.executable, "-c", code, str(self.port), str(self.db), self.token],
+            [
+                sys.executable,
+                "-c",
+                code,
+                str(self.port),
+                str(self.db),
+                self.token,
+                "relay" if self.relay else "swarm",
+            ],
             self.workdir / f"tracker-{self.starts}.log",
         )
         wait_until(self.up, "the tracker to answer")
@@ -426,9 +436,11 @@ class Swarm:
         self.secret = write_secret(str(self.secret_path))
         return self.manifest
 
-    def start_tracker(self, expected_peers: int | None = None) -> TrackerProcess:
+    def start_tracker(
+        self, expected_peers: int | None = None, *, relay: bool = True
+    ) -> TrackerProcess:
         assert self.manifest is not None
-        self.tracker = TrackerProcess(self.workdir)
+        self.tracker = TrackerProcess(self.workdir, relay=relay)
         self.tracker.start()
         key = announce.tracker_key(self.secret, self.manifest.id)
         announce.register_swarm(

@@ -28,6 +28,7 @@ from typing import Callable
 import pytest
 
 from roost.runtime import protocol as wire
+from roost.runtime.announce import fetch_status
 from roost.runtime.manifest import Manifest
 from roost.runtime.pack import pack
 from roost.runtime.peer import Engine, EngineConfig, Pieces
@@ -167,8 +168,10 @@ def test_the_origin_can_die_once_a_peer_holds_a_full_copy(swarm: Swarm, release_
     swarm.start_tracker(expected_peers=5)
     swarm.start_seeder()
     first = swarm.fetch(linger=60.0, name="first")
-    # Slow enough (16 s for the release) that they are mid-transfer when the origin dies,
-    # even on a loaded CI machine.
+    # Joined after the first (so the relay plan puts them behind it, not in front of it),
+    # and slow enough (16 s for the release) that they are mid-transfer when the origin
+    # dies, even on a loaded CI machine.
+    wait_until(lambda: first.have > 0, "the first peer to start receiving")
     slow = [swarm.fetch("--download-rate", "1M", linger=2.0) for _ in range(4)]
     wait_until(lambda: first.completed, "the first peer to complete")
 
@@ -263,7 +266,9 @@ def test_a_peer_serving_corrupt_blocks_is_banned(
     swarm: Swarm, release_16: Path, tmp_path: Path
 ) -> None:
     manifest = swarm.release(release_16)
-    swarm.start_tracker(expected_peers=3)
+    # A plain swarm: honest peers pick sources themselves, so they do ask the liar.
+    # (With a relay plan they would ask only their planned sources; see the relay test.)
+    swarm.start_tracker(expected_peers=3, relay=False)
     swarm.start_seeder()
     bad_tree = tmp_path / "corrupt"
     corrupt_copy(release_16, bad_tree)
@@ -492,3 +497,35 @@ def test_local_deploy_json_events(tmp_path: Path) -> None:
     assert start["release"] == manifest.id
     for i in range(1, 5):
         assert verify_tree(str(base / f"host-{i}" / "current"), manifest, content=True) == []
+
+
+def test_a_lying_relay_source_is_banned_and_its_stripe_fetched_elsewhere(
+    swarm: Swarm, release_16: Path, tmp_path: Path
+) -> None:
+    """The liar announces itself complete before anyone else joins, so the tracker's
+    relay plan makes it the head of the chain: honest peers ask it first, find its
+    pieces corrupt, ban it and fall back to the swarm for what it was to relay."""
+    manifest = swarm.release(release_16)
+    tracker = swarm.start_tracker(expected_peers=4)
+    swarm.start_seeder()
+    bad_tree = tmp_path / "corrupt"
+    corrupt_copy(release_16, bad_tree)
+    liar_pieces = Pieces(str(bad_tree), manifest, complete=True)
+    assert liar_pieces.checked is not None
+    liar_pieces.checked[:] = b"\x01" * manifest.piece_count  # serve without checking
+    liar = swarm.start_engine(
+        liar_pieces,
+        EngineConfig(secret=swarm.secret, tracker=tracker.url, linger=600.0, stall_timeout=600.0),
+    )
+    wait_until(
+        lambda: len(fetch_status(tracker.url)["swarms"][0]["peers"]) == 2, "the liar to join"
+    )
+    honest = [swarm.fetch() for _ in range(3)]
+    done = [swarm.finish(peer) for peer in honest]
+    liar_stats = liar.stop()
+
+    for peer in honest:
+        assert_installed(peer, manifest, release_16)
+    assert liar_stats.uploaded > 0, "no relay source asked the liar"
+    assert sum(stats["bad_pieces"] for stats in done) > 0
+    assert any("relay source of stripe" in p.stderr() for p in honest)

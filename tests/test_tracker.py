@@ -175,7 +175,10 @@ def test_tracker_binds_localhost_and_answers_errors_as_json(tmp_path: Path) -> N
 
 
 def test_announce_hands_out_bounded_neighbours(tmp_path: Path) -> None:
-    config = TrackerConfig(handout=HandoutConfig(degree=4, random_slots=1, origin_fanout=2))
+    """The plain-swarm hand-out (no relay plan): a bounded origin fan-out."""
+    config = TrackerConfig(
+        handout=HandoutConfig(degree=4, random_slots=1, origin_fanout=2), relay=None
+    )
 
     async def body(t: RunningTracker, s: Session, clock: FakeClock) -> None:
         await register(t, s)

@@ -133,6 +133,7 @@ class Proc:
         self.lines: list[str] = []
         self.status: int | None = None
         self.cpu_seconds = 0.0
+        self.cpu_system_seconds = 0.0  # of which in the kernel (syscalls, network stack)
         self._changed = threading.Condition()
         with open(log_path, "ab") as log:
             self.popen = subprocess.Popen(
@@ -193,6 +194,7 @@ class Proc:
         self.status = os.waitstatus_to_exitcode(status)
         self.popen.returncode = self.status
         self.cpu_seconds = usage.ru_utime + usage.ru_stime
+        self.cpu_system_seconds = usage.ru_stime
         return True
 
     def stop(self, grace: float = STOP_GRACE) -> None:
@@ -267,6 +269,7 @@ class Bench:
     release: Release
     workdir: str
     timeout: float
+    logs: str | None = None  # where each run's logs are kept (None: discarded)
     state: dict[str, Any] = field(default_factory=dict)  # systems keep their prepared things
 
 
@@ -275,6 +278,7 @@ class HostState:
     node: Node
     proc: Proc | None = None
     fraction: float = 0.0
+    timeline: list[tuple[float, float]] = field(default_factory=list)  # (seconds, fraction)
     completed_at: float | None = None  # seconds since the clock started
     error: str | None = None
 
@@ -353,8 +357,9 @@ class Run:
             return
         fraction, done, error = self.system.interpret(event)
         with self._lock:
-            if fraction is not None:
-                state.fraction = max(state.fraction, fraction)
+            if fraction is not None and fraction > state.fraction:
+                state.fraction = fraction
+                state.timeline.append((round(time.time() - self.t0, 3), round(fraction, 4)))
             if done is not None and state.completed_at is None:
                 state.completed_at = done - self.t0
             if error is not None and state.error is None:
@@ -423,6 +428,7 @@ class Run:
             "system": self.system.name,
             "index": self.index,
             "host_times": times,
+            "host_progress": {n: s.timeline for n, s in self.hosts.items()},
             "wall_s": wall,
             "timed_out": timed_out,
             "counters_before": before,
@@ -430,6 +436,7 @@ class Run:
             "cpu_idle": cpu["idle"],
             "cpu_idle_min_1s": cpu["idle_min_1s"],
             "cpu_seconds": cpu_seconds,
+            "cpu_system_seconds": sum(p.cpu_system_seconds for p in self._procs()),
             "cpu_seconds_origin": sum(p.cpu_seconds for p in self.origin_procs),
             "correct": not problems,
             "problems": problems[:40],
@@ -447,6 +454,7 @@ class Run:
             "cpu_idle": None,
             "cpu_idle_min_1s": None,
             "cpu_seconds": 0.0,
+            "cpu_system_seconds": 0.0,
             "cpu_seconds_origin": 0.0,
             "correct": False,
             "problems": [problem],
@@ -485,4 +493,8 @@ class Run:
             return [p for ps in pool.map(check, self.hosts.values()) for p in ps]
 
     def cleanup(self) -> None:
+        if self.bench.logs is not None:  # every process's stderr, for a look after the run
+            keep = os.path.join(self.bench.logs, f"{self.system.name}-{self.index}")
+            shutil.rmtree(keep, ignore_errors=True)
+            shutil.copytree(self.logs, keep)
         shutil.rmtree(self.dir, ignore_errors=True)

@@ -33,7 +33,7 @@ class RoostSystem(System):
         run.spawn_origin(
             "tracker",
             [PYTHON, "-m", "roost", "tracker", "--host", origin.address,
-             "--port", str(TRACKER_PORT), "--db", db, "--token-file", token],
+             "--port", str(TRACKER_PORT), "--db", db, "--token-file", token, "--stripes", os.environ.get("ROOST_STRIPES", "auto")],
         )  # fmt: skip
         run.wait_port(origin, TRACKER_PORT)
         register = (

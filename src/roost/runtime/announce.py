@@ -39,6 +39,7 @@ MAX_CLOCK_SKEW = 300.0
 MAX_REQUEST_BYTES = 16 * 1024
 MAX_RESPONSE_BYTES = 64 * 1024 * 1024  # a status answer for a large fleet
 MAX_NEIGHBOURS = 1024
+MAX_STRIPES = 16  # sources in a relay plan (one per stripe)
 MAX_INTERVAL = 24 * 3600
 MAX_COUNTER = (1 << 63) - 1  # fits a SQLite integer
 EVENTS = ("started", "update", "completed", "stopped")
@@ -321,20 +322,25 @@ class Neighbour:
 
 @dataclass(frozen=True)
 class AnnounceResponse:
-    """The tracker's answer: neighbours, when to announce next, whether the swarm is done."""
+    """The tracker's answer: neighbours, when to announce next, whether the swarm is done,
+    and (``sources``) the peer to fetch each stripe from, when the tracker plans relays."""
 
     peers: tuple[Neighbour, ...]
     interval: int
     swarm_complete: bool
     stats: dict[str, int]
+    sources: tuple[str, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        obj: dict[str, Any] = {
             "peers": [n.to_json() for n in self.peers],
             "interval": self.interval,
             "swarm_complete": self.swarm_complete,
             "stats": dict(self.stats),
         }
+        if self.sources:
+            obj["sources"] = list(self.sources)
+        return obj
 
     def to_bytes(self) -> bytes:
         return _dump(self.to_json())
@@ -351,11 +357,15 @@ def parse_response(body: bytes) -> AnnounceResponse:
         isinstance(k, str) and type(v) is int for k, v in stats.items()
     ):
         raise MalformedMessage("stats must map names to integers")
+    sources = obj.get("sources", [])
+    if not isinstance(sources, list) or len(sources) > MAX_STRIPES:
+        raise MalformedMessage(f"sources must be a list of at most {MAX_STRIPES} peer ids")
     return AnnounceResponse(
         peers=tuple(Neighbour.from_json(p) for p in peers),
         interval=check_int(_field(obj, "interval"), "interval", 1, MAX_INTERVAL),
         swarm_complete=check_bool(_field(obj, "swarm_complete"), "swarm_complete"),
         stats=stats,
+        sources=tuple(check_peer_id(s) for s in sources),
     )
 
 

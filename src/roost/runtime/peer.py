@@ -22,6 +22,7 @@ import logging
 import os
 import random
 import socket
+import sys
 import time
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -44,6 +45,21 @@ KEEPALIVE_INTERVAL = 15.0
 RETRY_BASE = 0.5
 RETRY_CAP = 30.0
 REJECT_PAUSE = 1.0  # seconds before re-asking a neighbour that rejected a request
+# A relay source (see _set_plan) that we cannot reach this long after it was named, or
+# that sends no block data this long while we wait on it, is given up for its stripes.
+SOURCE_GRACE = 3.0
+SOURCE_PATIENCE = 5.0
+RELAY_CHECK_EVERY = 0.5
+# Verifying and writing a piece this small takes less time inline than handing it to a
+# worker thread and back (two thread switches under the GIL); larger ones go to workers.
+INLINE_WORK_LIMIT = 1 << 20
+# Haves are sent in batches at most this often: with a piece arriving every few tens of
+# milliseconds, announcing each at once to every neighbour costs more than it is worth
+# (relay children ask ahead of time and do not wait for them).
+HAVE_DELAY = 0.2
+LOW_WATER_CAP = 64 << 10
+_SO_RCVLOWAT = getattr(socket, "SO_RCVLOWAT", None) if sys.platform == "linux" else None
+_MSG_MORE = getattr(socket, "MSG_MORE", 0)
 # Received pieces waiting to be verified and written may hold this much memory before
 # no new requests go out: a peer's memory stays bounded whatever the release size.
 PENDING_LIMIT = 16 << 20
@@ -184,6 +200,10 @@ class Neighbour:
         self.refused: set[int] = set()  # pieces a seeder told this neighbour to get elsewhere
         self.requests_queued = 0  # Requests in the outbox, not yet in the protocol's ledger
         self.short_of_slots = False  # _refill held back: refill again as answers come in
+        self.last_heard = engine.clock()
+        self.last_data = engine.clock()  # block data last arrived (relay source health)
+        self.low_water = 1  # the socket's SO_RCVLOWAT
+        self.relay_rejects: set[int] = set()  # pieces this relay source refused once
         self.closed = False
 
     @property
@@ -233,11 +253,17 @@ class Engine:
         self._pending = 0  # bytes of received pieces still being verified or written
         self._held_back: set[Neighbour] = set()  # refills skipped while _pending was full
         self._workers = ThreadPoolExecutor(max_workers=2, thread_name_prefix="roost-io")
-        self._files: dict[str, Any] = {}
         self._source_checks: dict[int, asyncio.Future] = {}
         self._upload_limit = TokenBucket(config.upload_rate) if config.upload_rate else None
         self._download_limit = TokenBucket(config.download_rate) if config.download_rate else None
         self._last_progress = self.clock()
+        # The relay plan (see _set_plan): stripe -> the peer that forwards it to us.
+        self.stripes = 1
+        self.sources: dict[int, bytes] = {}
+        self.failed_sources: set[int] = set()  # stripes fetched as in a plain swarm instead
+        self._plan_at = self.clock()
+        self._parked: dict[int, list[tuple[Neighbour, _Upload]]] = {}  # asked before we had it
+        self._haves: list[int] = []  # pieces verified since the last Have batch
         self._failure: BaseException | None = None
         self._finishing = False
         self.completed = pieces.complete
@@ -253,6 +279,7 @@ class Engine:
         self._spawn(self._accept_loop(listener))
         self._spawn(self._tracker_loop())
         self._spawn(self._keepalive_loop())
+        self._spawn(self._relay_watch_loop())
         self._dial_known()
         try:
             if not self.completed:
@@ -308,8 +335,6 @@ class Engine:
                 await asyncio.get_running_loop().run_in_executor(
                     None, self._announce_blocking, "stopped"
                 )
-        for f in self._files.values():
-            f.close()
         self.pieces.close()
         self._workers.shutdown(wait=True)
 
@@ -375,6 +400,7 @@ class Engine:
                 if peer_id != self.config.peer_id:
                     self.known[(peer.addr, peer.port)] = peer_id
             self._dial_known()
+            self._set_plan(response.sources)
             event = "update"
             interval = announce.jittered(response.interval, self.rng)
             await self._sleep_or_complete(interval, reported_complete)
@@ -520,15 +546,26 @@ class Engine:
     async def _read_loop(self, neighbour: Neighbour, buffer: bytearray) -> None:
         loop = asyncio.get_running_loop()
         view = memoryview(buffer)
+        conn = neighbour.conn
         while not neighbour.closed:
-            n = await asyncio.wait_for(loop.sock_recv_into(neighbour.sock, buffer), IDLE_TIMEOUT)
+            payload = conn.payload_buffer()
+            # Inside a block, receive straight into its buffer (no copy through ours) and
+            # let the kernel wake us only once a good part of it is there.
+            _set_low_water(neighbour, 1 if payload is None else len(payload))
+            target = buffer if payload is None else payload
+            n = await loop.sock_recv_into(neighbour.sock, target)
+            neighbour.last_heard = self.clock()
             if neighbour.closed:
                 return  # we closed it (_close): what is left of the stream does not matter
-            neighbour.conn.receive_data(view[:n])
+            if payload is not None and n:
+                neighbour.last_data = neighbour.last_heard
+                conn.payload_received(n)
+            else:
+                conn.receive_data(view[:n])
             if n and self._download_limit is not None:
                 await self._download_limit.consume(n)
             while True:
-                event = neighbour.conn.next_event()
+                event = conn.next_event()
                 if event is wire.NEED_DATA:
                     break
                 if isinstance(event, wire.ConnectionClosed):
@@ -584,35 +621,62 @@ class Engine:
         if self._upload_limit is not None:
             await self._upload_limit.consume(upload.length)
         header = neighbour.conn.send_block_header(*key)
-        await loop.sock_sendall(neighbour.sock, header)
-        for path, offset, length in self.pieces.spans(*key):
-            await loop.sock_sendfile(neighbour.sock, self._file(path), offset, length)
-            neighbour.conn.payload_written(length)
+        runs = self.pieces.spans(*key)
+        if len(runs) == 1:  # one file: zero-copy, the header held back to leave with it
+            await _send_more(loop, neighbour.sock, header)
+            path, offset, length = runs[0]
+            # Each upload opens its own file: a file object shared between uploads
+            # could be closed (and its descriptor reused) under one that is waiting.
+            with self.pieces.open(path) as f:
+                sent = await loop.sock_sendfile(neighbour.sock, f, offset, length)
+            if sent != length:
+                raise OSError(f"{path} is shorter than the release says")
+        else:  # many small files: one read each and a single send beat a sendfile each
+            payload = b"".join(self._read_run(*run) for run in runs)
+            await loop.sock_sendall(neighbour.sock, header + payload)
+        neighbour.conn.payload_written(upload.length)
         self.stats.uploaded += upload.length
+
+    def _read_run(self, path: str, offset: int, length: int) -> bytes:
+        with self.pieces.open(path) as f:
+            data = os.pread(f.fileno(), length, offset)
+        if len(data) != length:
+            raise OSError(f"{path} is shorter than the release says")
+        return data
 
     def _check_source(self, index: int) -> asyncio.Future:
         """Start (once) checking a seeder's on-disk piece; requests queue behind uploads,
-        so the check runs while earlier uploads are still being sent."""
+        so a check on a worker runs while earlier uploads are still being sent."""
         check = self._source_checks.get(index)
         if check is None:
-            loop = asyncio.get_running_loop()
-            check = loop.run_in_executor(self._workers, self.pieces.check_source, index)
-            self._source_checks[index] = check
+            size = self.manifest.piece_length(index)
+            check = self._source_checks[index] = self._blocking(
+                size, self.pieces.check_source, index
+            )
         return check
 
-    def _file(self, path: str) -> Any:
-        f = self._files.get(path)
-        if f is None:
-            if len(self._files) >= 256:
-                self._files.pop(next(iter(self._files))).close()
-            f = self._files[path] = self.pieces.open(path)
-        return f
+    def _blocking(self, size: int, work: Callable[..., Any], *args: Any) -> asyncio.Future:
+        """Run blocking work on ``size`` bytes: inline when small, else on a worker."""
+        loop = asyncio.get_running_loop()
+        if size > INLINE_WORK_LIMIT:
+            return loop.run_in_executor(self._workers, work, *args)
+        done = loop.create_future()
+        try:
+            done.set_result(work(*args))
+        except Exception as exc:  # delivered to the awaiting caller, as from a worker
+            done.set_exception(exc)
+        return done
 
     async def _keepalive_loop(self) -> None:
+        """Keep quiet connections alive, and drop those the other side stopped answering
+        (it sends a KeepAlive at least every KEEPALIVE_INTERVAL)."""
         while True:
             await asyncio.sleep(KEEPALIVE_INTERVAL)
+            now = self.clock()
             for neighbour in list(self.neighbours.values()):
-                if neighbour.outbox.empty():
+                if now - neighbour.last_heard > IDLE_TIMEOUT:
+                    self._close(neighbour, f"nothing heard for {IDLE_TIMEOUT:.0f} s")
+                elif neighbour.outbox.empty():
                     neighbour.outbox.put_nowait(wire.KeepAlive())
 
     def _close(self, neighbour: Neighbour, reason: str) -> None:
@@ -634,6 +698,8 @@ class Engine:
             neighbour.sock.shutdown(socket.SHUT_RDWR)
         self._refill_all()
         self._dial_known()
+        if neighbour.peer_id in self.sources.values():
+            self._check_sources()  # a relay source left: fail over now, not at the next check
 
     # -- protocol events --------------------------------------------------------------
 
@@ -647,16 +713,28 @@ class Engine:
             self._mark_has(neighbour, event.pieces())
             self._refill(neighbour)
         elif isinstance(event, wire.Request):
-            if self.pieces.have[event.piece] and self._serve_as_origin(neighbour, event.piece):
-                if self.pieces.checked is not None and not self.pieces.checked[event.piece]:
-                    self._check_source(event.piece)
-                neighbour.outbox.put_nowait(_Upload(event.piece, event.offset, event.length))
+            upload = _Upload(event.piece, event.offset, event.length)
+            if self.pieces.have[event.piece]:
+                if self._serve_as_origin(neighbour, event.piece):
+                    if self.pieces.checked is not None and not self.pieces.checked[event.piece]:
+                        self._check_source(event.piece)
+                    neighbour.outbox.put_nowait(upload)
+                else:
+                    neighbour.outbox.put_nowait(wire.Reject(*_key(upload)))
+            elif not self.config.seeder:
+                # Asked ahead by a peer we relay to: answered the moment we hold the piece.
+                self._parked.setdefault(event.piece, []).append((neighbour, upload))
             else:
-                neighbour.outbox.put_nowait(wire.Reject(event.piece, event.offset, event.length))
+                neighbour.outbox.put_nowait(wire.Reject(*_key(upload)))
         elif isinstance(event, wire.Cancel):
+            upload = _Upload(event.piece, event.offset, event.length)
             request = wire.Request(event.piece, event.offset, event.length)
             if request in neighbour.conn.their_requests:  # not answered yet: answer with Reject
-                neighbour.uploads_cancelled.add((event.piece, event.offset, event.length))
+                neighbour.uploads_cancelled.add(_key(upload))
+                parked = self._parked.get(event.piece, [])
+                if (neighbour, upload) in parked:  # queued now, it leaves as that Reject
+                    parked.remove((neighbour, upload))
+                    neighbour.outbox.put_nowait(upload)
         elif isinstance(event, wire.Reject):
             self._on_reject(neighbour, event.piece)
         elif isinstance(event, wire.Goodbye):
@@ -684,6 +762,13 @@ class Engine:
         if download is not None:
             self.requested[index] -= 1
             neighbour.in_flight -= download.length
+        stripe = index % self.stripes
+        if stripe in self._relay_stripes(neighbour):
+            # An origin refuses a piece it already sent once per requester; a second
+            # refusal means this source will not serve the stripe: fetch it elsewhere.
+            if index in neighbour.relay_rejects:
+                self._fail_source(stripe, "it refused a piece twice")
+            neighbour.relay_rejects.add(index)
         if neighbour.has[index]:
             neighbour.has[index] = 0  # ask others first; this one again after a pause
             self.availability[index] -= 1
@@ -707,6 +792,7 @@ class Engine:
         if download.outstanding:
             return
         del neighbour.downloads[block.piece]
+        neighbour.last_data = self.clock()
         neighbour.in_flight -= download.length
         self._pending += download.length
         self._spawn(self._complete_piece(neighbour, download))
@@ -723,10 +809,9 @@ class Engine:
 
     async def _verify_and_store(self, neighbour: Neighbour, download: _Download) -> None:
         index = download.index
-        loop = asyncio.get_running_loop()
         data = download.buffer
         assert data is not None
-        ok = await loop.run_in_executor(self._workers, _verify, data, self.manifest.pieces[index])
+        ok = await self._blocking(len(data), _verify, data, self.manifest.pieces[index])
         self.requested[index] -= 1
         if not ok:
             self.stats.bad_pieces += 1
@@ -739,8 +824,11 @@ class Engine:
         if not self.missing[index]:
             return  # an endgame duplicate that lost the race
         self.missing[index] = 0
-        await loop.run_in_executor(self._workers, self.pieces.store, index, data)
+        await self._blocking(len(data), self.pieces.store, index, data)
         self.pieces.have[index] = 1
+        for waiting, upload in self._parked.pop(index, ()):
+            if not waiting.closed:
+                waiting.outbox.put_nowait(upload)
         length = len(data)
         self.stats.downloaded += length
         if neighbour.is_origin:
@@ -749,14 +837,11 @@ class Engine:
             self.stats.from_peers += length
         self._last_progress = self.clock()
         for other in list(self.neighbours.values()):
-            stale = other.downloads.pop(index, None)
-            if stale is not None:
-                self.requested[index] -= 1
-                other.in_flight -= stale.length
-                for offset, size in stale.outstanding:
-                    other.outbox.put_nowait(wire.Cancel(index, offset, size))
+            if self._cancel_download(other, index):
                 self._refill(other)
-            other.outbox.put_nowait(wire.Have(index))
+        if not self._haves:
+            asyncio.get_running_loop().call_later(HAVE_DELAY, self._send_haves)
+        self._haves.append(index)
         if self.pieces.complete and not self._finishing:
             await self._finish()
         elif picker.in_endgame(self.missing.count(1), len(self.neighbours)):
@@ -764,6 +849,12 @@ class Engine:
         if self.on_progress is not None:
             self.on_progress(self)
         self._progress.set()
+
+    def _send_haves(self) -> None:
+        haves, self._haves = [wire.Have(i) for i in self._haves], []
+        for neighbour in list(self.neighbours.values()):
+            for have in haves:
+                neighbour.outbox.put_nowait(have)
 
     async def _finish(self) -> None:
         """Every piece is verified and written: publish the release (once)."""
@@ -804,9 +895,22 @@ class Engine:
         count = min(count, slots)
         if count <= 0:
             return
-        chosen = picker.pick_pieces(
-            self.missing, neighbour.has, self.requested, self.availability, count, self.rng
-        )
+        relay = self._relay_stripes(neighbour)
+        chosen = []
+        if relay:
+            stripes = (self.stripes, relay)
+            chosen = picker.pick_relay(self.missing, self.requested, stripes, count)
+        swarm = self._swarm_stripes()
+        if len(chosen) < count and (swarm is None or swarm[1]):
+            chosen += picker.pick_pieces(
+                self.missing,
+                neighbour.has,
+                self.requested,
+                self.availability,
+                count - len(chosen),
+                self.rng,
+                swarm,
+            )
         if not chosen and picker.in_endgame(self.missing.count(1), len(self.neighbours)):
             chosen = picker.pick_endgame(
                 self.missing,
@@ -816,11 +920,97 @@ class Engine:
                 self.availability,
                 count,
                 self.rng,
+                swarm,
             )
         cancelled = {r.piece for r in neighbour.conn.our_cancelled_requests}
         for index in chosen:
             if index not in cancelled:  # its earlier request is still being answered
                 self._request(neighbour, index)
+
+    def _cancel_download(self, neighbour: Neighbour, index: int) -> bool:
+        """Withdraw our request for a piece from a neighbour, if there is one."""
+        download = neighbour.downloads.pop(index, None)
+        if download is None:
+            return False
+        self.requested[index] -= 1
+        neighbour.in_flight -= download.length
+        for offset, size in download.outstanding:
+            neighbour.outbox.put_nowait(wire.Cancel(index, offset, size))
+        return True
+
+    # -- relaying -----------------------------------------------------------------------
+
+    def _set_plan(self, sources: tuple[str, ...]) -> None:
+        """Adopt the tracker's relay plan: stripe ``s`` (pieces ``i % k == s``) comes from
+        ``sources[s]``, asked for in order and ahead of time; other neighbours serve only
+        stripes whose source failed. No plan (an empty tuple): a plain swarm."""
+        plan = {s: bytes.fromhex(peer) for s, peer in enumerate(sources)}
+        stripes = max(1, len(sources))
+        if plan == self.sources and stripes == self.stripes:
+            return
+        kept = {
+            s
+            for s in self.failed_sources
+            if stripes == self.stripes and plan.get(s) == self.sources.get(s)
+        }
+        self.stripes, self.sources, self.failed_sources = stripes, plan, kept
+        self._plan_at = self.clock()
+        for neighbour in list(self.neighbours.values()):
+            relay, swarm = self._relay_stripes(neighbour), self._swarm_stripes()
+            for index in list(neighbour.downloads):
+                stripe = index % self.stripes
+                if stripe not in relay and not picker.stripe_allowed(index, swarm):
+                    self._cancel_download(neighbour, index)  # asked of the wrong peer now
+        self._refill_all()
+
+    def _relay_stripes(self, neighbour: Neighbour) -> frozenset[int]:
+        """The stripes this neighbour relays to us (none without a plan)."""
+        return frozenset(
+            s
+            for s, peer in self.sources.items()
+            if peer == neighbour.peer_id and s not in self.failed_sources
+        )
+
+    def _swarm_stripes(self) -> picker.Stripes:
+        """The stripes fetched from whoever holds them: all without a plan, else the
+        stripes whose relay source failed."""
+        if not self.sources:
+            return None
+        return (self.stripes, frozenset(self.failed_sources))
+
+    def _fail_source(self, stripe: int, reason: str) -> None:
+        if stripe in self.failed_sources or stripe not in self.sources:
+            return
+        self.failed_sources.add(stripe)
+        log.warning(
+            "relay source of stripe %d given up (%s): fetching it from the swarm", stripe, reason
+        )
+        source = self.neighbours.get(self.sources[stripe])
+        if source is not None:
+            for index in [i for i in source.downloads if i % self.stripes == stripe]:
+                self._cancel_download(source, index)
+        self._refill_all()
+
+    def _check_sources(self) -> None:
+        """Give up relay sources that are unreachable or have stopped sending."""
+        if self.completed:
+            return
+        now = self.clock()
+        for stripe, peer in list(self.sources.items()):
+            neighbour = self.neighbours.get(peer)
+            if neighbour is None:
+                if peer in self.banned or now - self._plan_at > SOURCE_GRACE:
+                    self._fail_source(stripe, "not connected")
+                continue
+            waiting = any(i % self.stripes == stripe for i in neighbour.downloads)
+            quiet = now - max(neighbour.last_data, self._plan_at)
+            if waiting and quiet > SOURCE_PATIENCE:
+                self._fail_source(stripe, f"no data for {quiet:.0f} s")
+
+    async def _relay_watch_loop(self) -> None:
+        while True:
+            await asyncio.sleep(RELAY_CHECK_EVERY)
+            self._check_sources()
 
     def _request(self, neighbour: Neighbour, index: int) -> None:
         length = self.manifest.piece_length(index)
@@ -848,6 +1038,32 @@ class StoppedError(Exception):
 
 class StalledError(Exception):
     """No piece arrived for too long: no source holds what we miss, or none is reachable."""
+
+
+async def _send_more(loop: asyncio.AbstractEventLoop, sock: socket.socket, data: bytes) -> None:
+    """Send ``data`` with MSG_MORE (Linux), so it shares a segment with what follows."""
+    if _MSG_MORE:
+        with contextlib.suppress(BlockingIOError, InterruptedError):
+            sent = sock.send(data, _MSG_MORE)
+            data = data[sent:]
+    if data:
+        await loop.sock_sendall(sock, data)
+
+
+def _set_low_water(neighbour: Neighbour, wanted: int) -> None:
+    """Have the socket reported readable only once ``wanted`` bytes (at most
+    LOW_WATER_CAP) are waiting: a shaped link delivers a few segments at a time, and
+    waking for each costs more than the data. Only bytes already due (the rest of a
+    block) are ever waited for, so nothing can stall on it."""
+    wanted = min(wanted, LOW_WATER_CAP)
+    if wanted != neighbour.low_water and _SO_RCVLOWAT is not None:
+        neighbour.low_water = wanted
+        with contextlib.suppress(OSError):
+            neighbour.sock.setsockopt(socket.SOL_SOCKET, _SO_RCVLOWAT, wanted)
+
+
+def _key(upload: _Upload) -> tuple[int, int, int]:
+    return (upload.piece, upload.offset, upload.length)
 
 
 def _verify(data: bytes, digest: bytes) -> bool:

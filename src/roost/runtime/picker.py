@@ -17,6 +17,10 @@ from __future__ import annotations
 
 import random
 from collections.abc import Sequence
+from typing import Optional
+
+# (k, allowed): only pieces i with i % k in allowed (relay stripes); None: every piece.
+Stripes = Optional[tuple[int, frozenset[int]]]
 
 # How many neighbours may be asked for the same piece at once in the endgame.
 ENDGAME_MAX_DUPLICATES = 2
@@ -31,12 +35,14 @@ def pick_pieces(
     availability: Sequence[int],
     count: int,
     rng: random.Random,
+    stripes: Stripes = None,
 ) -> list[int]:
     """Up to ``count`` pieces to request from one neighbour, rarest first.
 
     ``missing[i]`` is true while we still need piece *i*, ``neighbour_has[i]``
     when this neighbour holds it, ``requested[i]`` counts requests for it in
     flight to anyone, and ``availability[i]`` counts neighbours that hold it.
+    ``stripes`` = (k, allowed): only pieces *i* with ``i % k`` in ``allowed``.
     """
     if count <= 0:
         return []
@@ -45,7 +51,38 @@ def pick_pieces(
         for i, (need, has, asked) in enumerate(zip(missing, neighbour_has, requested))
         if need and has and not asked
     ]
-    return _rarest(candidates, availability, count, rng)
+    return _rarest(_in_stripes(candidates, stripes), availability, count, rng)
+
+
+def pick_relay(
+    missing: Sequence[int], requested: Sequence[int], stripes: Stripes, count: int
+) -> list[int]:
+    """Up to ``count`` pieces to ask of our relay source: the first missing ones of its
+    stripes, in order, whether or not it holds them yet.
+
+    The source receives its stripes in this same order and answers each request
+    the moment it has verified the piece, so a piece moves down a relay tree
+    without waiting for announcements or new requests at every hop.
+    """
+    if count <= 0:
+        return []
+    chosen = []
+    for i, (need, asked) in enumerate(zip(missing, requested)):
+        if need and not asked and stripe_allowed(i, stripes):
+            chosen.append(i)
+            if len(chosen) == count:
+                break
+    return chosen
+
+
+def stripe_allowed(index: int, stripes: Stripes) -> bool:
+    return stripes is None or index % stripes[0] in stripes[1]
+
+
+def _in_stripes(candidates: list[int], stripes: Stripes) -> list[int]:
+    if stripes is None:
+        return candidates
+    return [i for i in candidates if stripe_allowed(i, stripes)]
 
 
 def in_endgame(missing_count: int, neighbours: int) -> bool:
@@ -67,6 +104,7 @@ def pick_endgame(
     availability: Sequence[int],
     count: int,
     rng: random.Random,
+    stripes: Stripes = None,
 ) -> list[int]:
     """Pieces already in flight elsewhere that this neighbour could race for."""
     if count <= 0:
@@ -76,7 +114,7 @@ def pick_endgame(
         for i, (need, has, asked) in enumerate(zip(missing, neighbour_has, requested))
         if need and has and 0 < asked < ENDGAME_MAX_DUPLICATES and i not in asked_of_neighbour
     ]
-    return _rarest(candidates, availability, count, rng)
+    return _rarest(_in_stripes(candidates, stripes), availability, count, rng)
 
 
 def _rarest(

@@ -924,6 +924,27 @@ class PeerConnection:
                 return
         self._buf += data
 
+    def payload_buffer(self) -> memoryview | None:
+        """The unfilled rest of the block being received, when the peer's next bytes can
+        only be its payload; else None.
+
+        A read loop may receive straight into it (then call ``payload_received``)
+        instead of passing bytes to ``receive_data``: block data is then copied
+        once, from the kernel into the buffer the Block event will carry.
+        """
+        body = self._body
+        if body is None or self._eof or self.their_state is ERROR:
+            return None
+        return memoryview(body)[self._body_filled :]
+
+    def payload_received(self, count: int) -> None:
+        """``count`` bytes were written at the start of ``payload_buffer()``."""
+        body = self._body
+        if body is None or not 0 < count <= len(body) - self._body_filled:
+            raise LocalProtocolError(f"{count} payload bytes do not fit the block being received")
+        self._body_filled += count
+        self.bytes_received += count
+
     def next_event(self) -> Event | Signal:
         """The next event from the peer, ``NEED_DATA``, or ``ConnectionClosed`` after EOF."""
         if self.their_state is ERROR:

@@ -11,6 +11,7 @@ import argparse
 from roost.runtime.errors import RoostError
 from roost.tracker import DEFAULT_HOST, DEFAULT_PORT
 from roost.tracker.policy import DEFAULT_HANDOUT, HandoutConfig
+from roost.tracker.relay import CHAIN_BELOW, DEFAULT_STRIPES, RelayConfig
 
 
 def add_tracker_command(commands: argparse._SubParsersAction) -> None:
@@ -30,12 +31,32 @@ def add_tracker_command(commands: argparse._SubParsersAction) -> None:
         default=DEFAULT_HANDOUT.degree,
         help=f"neighbours per peer (default {DEFAULT_HANDOUT.degree})",
     )
+    p.add_argument(
+        "--stripes",
+        default="auto",
+        metavar="auto|off|K",
+        help="relay plan: K stripes (1 = a pipelined chain), auto (1 below"
+        f" {CHAIN_BELOW} peers, else {DEFAULT_STRIPES}), or off (a plain swarm)",
+    )
     p.set_defaults(handler=cmd_tracker)
+
+
+def relay_config(stripes: str) -> RelayConfig | None:
+    """``--stripes``: auto, off, or a number of stripes."""
+    if stripes == "off":
+        return None
+    if stripes == "auto":
+        return RelayConfig()
+    try:
+        return RelayConfig(stripes=int(stripes))
+    except ValueError:
+        raise RoostError(f"--stripes: expected auto, off or 1..16, not {stripes!r}") from None
 
 
 def cmd_tracker(args: argparse.Namespace) -> int:
     from roost.tracker.service import load_or_create_token
 
+    relay = relay_config(args.stripes)  # checked before anything is written
     token_file = args.token_file or f"{args.db}.token"
     token, created = load_or_create_token(token_file)
     verb = "wrote a new" if created else "using the"
@@ -46,5 +67,6 @@ def cmd_tracker(args: argparse.Namespace) -> int:
         raise RoostError(str(exc)) from None
     from roost.tracker.service import TrackerConfig, run_tracker
 
-    run_tracker(args.host, args.port, args.db, admin_token=token, config=TrackerConfig(handout))
+    config = TrackerConfig(handout, relay=relay)
+    run_tracker(args.host, args.port, args.db, admin_token=token, config=config)
     return 0

@@ -53,7 +53,10 @@ import random
 from collections.abc import Iterable
 from dataclasses import dataclass
 from operator import attrgetter
-from typing import Protocol, TypeVar
+from typing import TYPE_CHECKING, Protocol, TypeVar
+
+if TYPE_CHECKING:
+    from roost.tracker.relay import RelayPlan
 
 
 class PeerLike(Protocol):
@@ -211,9 +214,12 @@ def select_neighbours(
     *,
     now: float,
     config: HandoutConfig = DEFAULT_HANDOUT,
+    plan: RelayPlan | None = None,
 ) -> list[P]:
     """At most ``config.degree`` live peers for ``me``: origin, ranked, random (module docstring).
 
+    With a relay ``plan`` (see ``relay``), a peer's sources come first and a
+    seeder is handed exactly the peers that fetch a stripe from it.
     Deterministic for a given RNG state and set of peers, whatever their order.
     Linear in the swarm's size apart from one sort by id (what makes it order-free).
     """
@@ -221,6 +227,9 @@ def select_neighbours(
     live.sort(key=attrgetter("peer"))
     others = [p for p in live if p.peer != me.peer]
     if me.seeder:
+        if plan is not None:
+            children = plan.children(me.peer)
+            return [p for p in others if p.peer in children]
         served = origin_clients(me.peer, live, config.origin_fanout)
         return [p for p in others if p.peer in served]
     if is_complete(me):
@@ -228,11 +237,21 @@ def select_neighbours(
         return _fill([], candidates, me.rack, rng, config, need=True)
     candidates = [p for p in others if not p.seeder]
     served_by: list[P] = []
-    if not full_copy_outside_seeders(live):
+    # Without a plan the origin is withdrawn once a full copy exists elsewhere; with one
+    # its few clients keep it, since a peer claiming to be complete may be lying.
+    if plan is not None or not full_copy_outside_seeders(live):
         needy = _needy(candidates)
         served_by = [
             p for p in others if p.seeder and _serves(p.peer, me, needy, config.origin_fanout)
         ]
+    sources = plan.sources.get(me.peer) if plan is not None else None
+    if sources:
+        # Relay sources first; the origin's usual few clients keep it as well, so a
+        # peer whose source fails still has a way to data nobody else holds yet.
+        by_id = {p.peer: p for p in others}
+        first = [by_id[s] for s in sources if s in by_id] + served_by
+        served_by = list({p.peer: p for p in first}.values())
+        candidates = [p for p in candidates if p.peer not in sources]
     return _fill(served_by[: config.degree], candidates, me.rack, rng, config, need=False)
 
 
@@ -300,12 +319,15 @@ class IntervalConfig:
     """Bounds of the announce interval, in seconds."""
 
     min_interval: int = 2
+    filling_interval: int = 1  # while fewer peers than expected have joined (plans change)
     incomplete_max: int = 15
     max_interval: int = 60
     ramp: float = 0.1  # seconds of interval per second of swarm age, while incomplete
     max_announce_rate: float = 300.0  # announces per second a swarm may cost the tracker
 
     def __post_init__(self) -> None:
+        if not 1 <= self.filling_interval <= self.min_interval:
+            raise ValueError("need 1 <= filling_interval <= min_interval")
         if not 1 <= self.min_interval <= self.incomplete_max <= self.max_interval:
             raise ValueError("need 1 <= min_interval <= incomplete_max <= max_interval")
         if self.ramp < 0 or self.max_announce_rate <= 0:
@@ -316,12 +338,24 @@ DEFAULT_INTERVALS = IntervalConfig()
 
 
 def announce_interval(
-    *, age: float, live_peers: int, complete: bool, config: IntervalConfig = DEFAULT_INTERVALS
+    *,
+    age: float,
+    live_peers: int,
+    complete: bool,
+    filling: bool = False,
+    config: IntervalConfig = DEFAULT_INTERVALS,
 ) -> int:
-    """Seconds until a peer's next announce; always in [min_interval, max_interval]."""
+    """Seconds until a peer's next announce; in [filling_interval, max_interval].
+
+    While the expected peers are still joining (``filling``), the relay plan
+    changes with every arrival, so peers come back after ``filling_interval``.
+    """
     if complete:
         return config.max_interval
-    wanted = min(config.incomplete_max, max(config.min_interval, int(age * config.ramp)))
+    if filling:
+        wanted = config.filling_interval
+    else:
+        wanted = min(config.incomplete_max, max(config.min_interval, int(age * config.ramp)))
     rate_floor = math.ceil(live_peers / config.max_announce_rate)
     return min(config.max_interval, max(wanted, rate_floor))
 

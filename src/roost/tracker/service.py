@@ -57,6 +57,7 @@ from roost.tracker.policy import (
     swarm_age,
     swarm_complete,
 )
+from roost.tracker.relay import DEFAULT_RELAY, RelayConfig, RelayPlan, build_plan
 
 log = logging.getLogger("roost.tracker")
 
@@ -69,6 +70,7 @@ class TrackerConfig:
 
     handout: HandoutConfig = DEFAULT_HANDOUT
     intervals: IntervalConfig = DEFAULT_INTERVALS
+    relay: RelayConfig | None = DEFAULT_RELAY  # None: no relay plan, a plain swarm
     timeout_factor: float = 3.0  # a peer silent for this many of its intervals is dropped
     max_clock_skew: float = MAX_CLOCK_SKEW
     sweep_every: float = 30.0  # seconds between background sweeps of dead peers
@@ -102,6 +104,7 @@ class Tracker:
         self.clock = clock
         self.rng = rng or random.Random()
         self._admin_token = admin_token.encode()
+        self._plans: dict[str, tuple[int, RelayPlan]] = {}  # swarm -> (membership key, plan)
 
     # -- admin --
 
@@ -187,16 +190,33 @@ class Tracker:
         record = record.replace(expires_at=now + self.config.timeout_factor * interval)
         self.store.put_peer(swarm, record)
         live[-1] = record
-        chosen = select_neighbours(record, live, self.rng, now=now, config=self.config.handout)
-        return _response(swarm, live, chosen, complete, interval)
+        plan = self._plan(swarm, live)
+        chosen = select_neighbours(
+            record, live, self.rng, now=now, config=self.config.handout, plan=plan
+        )
+        sources = plan.sources.get(record.peer, ()) if plan is not None else ()
+        return _response(swarm, live, chosen, complete, interval, sources)
+
+    def _plan(self, swarm: SwarmRecord, live: list[PeerRecord]) -> RelayPlan | None:
+        """The swarm's relay plan, rebuilt only when its membership changed."""
+        if self.config.relay is None:
+            return None
+        key = hash(tuple(sorted((p.peer, p.rack, p.first_seen, p.seeder) for p in live)))
+        cached = self._plans.get(swarm.swarm)
+        if cached is None or cached[0] != key:
+            plan = build_plan(live, self.config.relay, expected=swarm.expected_peers)
+            cached = self._plans[swarm.swarm] = (key, plan)
+        return cached[1]
 
     def _pace(self, swarm: SwarmRecord, live: list[PeerRecord], now: float) -> tuple[bool, int]:
         """(swarm complete?, announce interval) for the swarm as it stands."""
         complete = self._complete(swarm, live)
+        expected = swarm.expected_peers
         interval = announce_interval(
             age=swarm_age((p.first_seen for p in live), now),
             live_peers=len(live),
             complete=complete,
+            filling=bool(expected) and sum(not p.seeder for p in live) < expected,
             config=self.config.intervals,
         )
         return complete, interval
@@ -266,12 +286,14 @@ def _response(
     chosen: list[PeerRecord],
     complete: bool,
     interval: int,
+    sources: tuple[str, ...] = (),
 ) -> AnnounceResponse:
     return AnnounceResponse(
         peers=tuple(_neighbour(p) for p in chosen),
         interval=interval,
         swarm_complete=complete,
         stats=_stats(swarm, live),
+        sources=sources,
     )
 
 
