@@ -146,6 +146,12 @@ def check_bool(value: object, name: str) -> bool:
     return value
 
 
+def check_delay(value: object) -> float:
+    if type(value) not in (int, float) or not 0 < value <= MAX_INTERVAL:  # type: ignore[operator]
+        raise MalformedMessage(f"retry_after must be a number of seconds in (0, {MAX_INTERVAL}]")
+    return float(value)  # type: ignore[arg-type]
+
+
 def check_time(value: object) -> float:
     if type(value) not in (int, float) or not math.isfinite(value) or value < 0:  # type: ignore[arg-type]
         raise MalformedMessage("time must be a non-negative number of unix seconds")
@@ -323,13 +329,16 @@ class Neighbour:
 @dataclass(frozen=True)
 class AnnounceResponse:
     """The tracker's answer: neighbours, when to announce next, whether the swarm is done,
-    and (``sources``) the peer to fetch each stripe from, when the tracker plans relays."""
+    and (``sources``) the peer to fetch each stripe from, when the tracker plans relays.
+    ``retry_after`` (seconds, fractional) asks for the next announce sooner than
+    ``interval``: the tracker is still gathering the fleet before planning."""
 
     peers: tuple[Neighbour, ...]
     interval: int
     swarm_complete: bool
     stats: dict[str, int]
     sources: tuple[str, ...] = ()
+    retry_after: float | None = None
 
     def to_json(self) -> dict[str, Any]:
         obj: dict[str, Any] = {
@@ -340,6 +349,8 @@ class AnnounceResponse:
         }
         if self.sources:
             obj["sources"] = list(self.sources)
+        if self.retry_after is not None:
+            obj["retry_after"] = self.retry_after
         return obj
 
     def to_bytes(self) -> bytes:
@@ -366,6 +377,7 @@ def parse_response(body: bytes) -> AnnounceResponse:
         swarm_complete=check_bool(_field(obj, "swarm_complete"), "swarm_complete"),
         stats=stats,
         sources=tuple(check_peer_id(s) for s in sources),
+        retry_after=check_delay(obj["retry_after"]) if "retry_after" in obj else None,
     )
 
 

@@ -26,7 +26,7 @@ import sys
 import time
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 from roost.runtime import announce, picker
@@ -402,7 +402,7 @@ class Engine:
             self._dial_known()
             self._set_plan(response.sources)
             event = "update"
-            interval = announce.jittered(response.interval, self.rng)
+            interval = response.retry_after or announce.jittered(response.interval, self.rng)
             await self._sleep_or_complete(interval, reported_complete)
             if self.completed and not reported_complete:
                 event, reported_complete = "completed", True
@@ -621,21 +621,34 @@ class Engine:
         if self._upload_limit is not None:
             await self._upload_limit.consume(upload.length)
         header = neighbour.conn.send_block_header(*key)
+        if upload.data is not None:
+            await _send_more(loop, neighbour.sock, header)
+            await loop.sock_sendall(neighbour.sock, upload.data)
+        else:
+            await self._send_from_files(loop, neighbour.sock, header, key)
+        neighbour.conn.payload_written(upload.length)
+        self.stats.uploaded += upload.length
+
+    async def _send_from_files(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        sock: socket.socket,
+        header: bytes,
+        key: tuple[int, int, int],
+    ) -> None:
         runs = self.pieces.spans(*key)
         if len(runs) == 1:  # one file: zero-copy, the header held back to leave with it
-            await _send_more(loop, neighbour.sock, header)
+            await _send_more(loop, sock, header)
             path, offset, length = runs[0]
             # Each upload opens its own file: a file object shared between uploads
             # could be closed (and its descriptor reused) under one that is waiting.
             with self.pieces.open(path) as f:
-                sent = await loop.sock_sendfile(neighbour.sock, f, offset, length)
+                sent = await loop.sock_sendfile(sock, f, offset, length)
             if sent != length:
                 raise OSError(f"{path} is shorter than the release says")
         else:  # many small files: one read each and a single send beat a sendfile each
             payload = b"".join(self._read_run(*run) for run in runs)
-            await loop.sock_sendall(neighbour.sock, header + payload)
-        neighbour.conn.payload_written(upload.length)
-        self.stats.uploaded += upload.length
+            await loop.sock_sendall(sock, header + payload)
 
     def _read_run(self, path: str, offset: int, length: int) -> bytes:
         with self.pieces.open(path) as f:
@@ -826,9 +839,11 @@ class Engine:
         self.missing[index] = 0
         await self._blocking(len(data), self.pieces.store, index, data)
         self.pieces.have[index] = 1
+        view = memoryview(data)
         for waiting, upload in self._parked.pop(index, ()):
-            if not waiting.closed:
-                waiting.outbox.put_nowait(upload)
+            if not waiting.closed:  # relayed from memory: no reading back what was just written
+                part = view[upload.offset : upload.offset + upload.length]
+                waiting.outbox.put_nowait(replace(upload, data=part))
         length = len(data)
         self.stats.downloaded += length
         if neighbour.is_origin:
@@ -1030,6 +1045,8 @@ class _Upload:
     piece: int
     offset: int
     length: int
+    # The bytes, when the piece was just received and is relayed at once from memory.
+    data: memoryview | None = field(default=None, compare=False)
 
 
 class StoppedError(Exception):

@@ -320,6 +320,8 @@ class IntervalConfig:
 
     min_interval: int = 2
     filling_interval: int = 1  # while fewer peers than expected have joined (plans change)
+    gather_poll: float = 0.2  # seconds between announces while the tracker gathers the fleet
+    gather_timeout: float = 3.0  # seconds a swarm waits for its expected peers, at most
     incomplete_max: int = 15
     max_interval: int = 60
     ramp: float = 0.1  # seconds of interval per second of swarm age, while incomplete
@@ -330,6 +332,8 @@ class IntervalConfig:
             raise ValueError("need 1 <= filling_interval <= min_interval")
         if not 1 <= self.min_interval <= self.incomplete_max <= self.max_interval:
             raise ValueError("need 1 <= min_interval <= incomplete_max <= max_interval")
+        if not 0 < self.gather_poll <= self.filling_interval or self.gather_timeout < 0:
+            raise ValueError("need 0 < gather_poll <= filling_interval and gather_timeout >= 0")
         if self.ramp < 0 or self.max_announce_rate <= 0:
             raise ValueError("ramp must be >= 0 and max_announce_rate > 0")
 
@@ -358,6 +362,20 @@ def announce_interval(
         wanted = min(config.incomplete_max, max(config.min_interval, int(age * config.ramp)))
     rate_floor = math.ceil(live_peers / config.max_announce_rate)
     return min(config.max_interval, max(wanted, rate_floor))
+
+
+def gathering(
+    receivers: int, expected: int | None, age: float, config: IntervalConfig = DEFAULT_INTERVALS
+) -> bool:
+    """Whether the tracker still waits for the fleet before handing out a relay plan.
+
+    A plan made for the first few peers would send them the whole release from
+    the origin, and again to the real stripe roots once everyone has joined: the
+    origin's scarcest bytes spent twice. The last host to join bounds the finish
+    anyway (it can only receive at its link's rate), so waiting for it costs
+    little; ``gather_timeout`` caps the wait when some host never comes.
+    """
+    return bool(expected) and receivers < expected and age < config.gather_timeout  # type: ignore[operator]
 
 
 def swarm_age(live: Iterable[float], now: float) -> float:

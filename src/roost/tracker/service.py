@@ -52,6 +52,7 @@ from roost.tracker.policy import (
     HandoutConfig,
     IntervalConfig,
     announce_interval,
+    gathering,
     is_complete,
     select_neighbours,
     swarm_age,
@@ -190,12 +191,27 @@ class Tracker:
         record = record.replace(expires_at=now + self.config.timeout_factor * interval)
         self.store.put_peer(swarm, record)
         live[-1] = record
+        if self._gathering(swarm, live, now):
+            return _response(
+                swarm, live, [], complete, interval, retry_after=self.config.intervals.gather_poll
+            )
         plan = self._plan(swarm, live)
         chosen = select_neighbours(
             record, live, self.rng, now=now, config=self.config.handout, plan=plan
         )
         sources = plan.sources.get(record.peer, ()) if plan is not None else ()
         return _response(swarm, live, chosen, complete, interval, sources)
+
+    def _gathering(self, swarm: SwarmRecord, live: list[PeerRecord], now: float) -> bool:
+        if self.config.relay is None:
+            return False
+        receivers = [p.first_seen for p in live if not p.seeder]
+        return gathering(
+            len(receivers),
+            swarm.expected_peers,
+            swarm_age(receivers, now),
+            self.config.intervals,
+        )
 
     def _plan(self, swarm: SwarmRecord, live: list[PeerRecord]) -> RelayPlan | None:
         """The swarm's relay plan, rebuilt only when its membership changed."""
@@ -287,6 +303,7 @@ def _response(
     complete: bool,
     interval: int,
     sources: tuple[str, ...] = (),
+    retry_after: float | None = None,
 ) -> AnnounceResponse:
     return AnnounceResponse(
         peers=tuple(_neighbour(p) for p in chosen),
@@ -294,6 +311,7 @@ def _response(
         swarm_complete=complete,
         stats=_stats(swarm, live),
         sources=sources,
+        retry_after=retry_after,
     )
 
 
