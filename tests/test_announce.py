@@ -144,9 +144,18 @@ def test_response_round_trips_and_rejects_nonsense() -> None:
     neighbour = Neighbour("b2" * 16, "10.0.0.9", 7002, False, 4, None)
     response = AnnounceResponse((neighbour,), 5, False, {"peers": 2, "complete": 0})
     assert parse_response(response.to_bytes()) == response
+    planned = AnnounceResponse(
+        (neighbour,), 1, False, {}, sources=("b2" * 16, "b2" * 16), retry_after=0.25
+    )
+    assert parse_response(planned.to_bytes()) == planned
     good = response.to_json()
     for bad in (
         {**good, "interval": 0},
+        {**good, "sources": "b2" * 16},
+        {**good, "sources": ["x"]},
+        {**good, "sources": ["b2" * 16] * 17},
+        {**good, "retry_after": 0},
+        {**good, "retry_after": "soon"},
         {**good, "peers": {}},
         {**good, "peers": [{"peer": "x"}]},
         {**good, "swarm_complete": "yes"},
@@ -205,13 +214,14 @@ def test_client_registers_announces_and_reads_status(tmp_path: Path) -> None:
     async def main() -> None:
         async with running_tracker(tmp_path / "t.db") as t:
             answer = await asyncio.to_thread(
-                register_swarm, t.url, t.admin_token, SWARM, key, expected_peers=2
+                register_swarm, t.url, t.admin_token, SWARM, key, expected_peers=1
             )
             assert answer["created"] is True
             origin = request(peer="0" * 32, seeder=True, have=8, event="started")
             await asyncio.to_thread(announce, t.url, sign_request(origin, key), 5.0)
             response = await asyncio.to_thread(announce, t.url, sign_request(request(), key))
             assert [n.peer for n in response.peers] == ["0" * 32]
+            assert response.sources == ("0" * 32,)  # a relay plan: fetch from the origin
             assert response.peers[0].seeder and response.peers[0].have == 8
             assert response.interval >= 1 and not response.swarm_complete
             assert response.stats["peers"] == 2

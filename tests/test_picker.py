@@ -13,6 +13,8 @@ from roost.runtime.picker import (
     origin_should_serve,
     pick_endgame,
     pick_pieces,
+    pick_relay,
+    stripe_allowed,
 )
 
 
@@ -177,3 +179,44 @@ def test_endgame_only_for_the_last_few_pieces() -> None:
     assert in_endgame(16, 8)
     assert not in_endgame(17, 8)
     assert not in_endgame(128, 8)
+
+
+# -- relay picking and stripes --------------------------------------------------------------
+
+
+def test_pick_relay_asks_for_the_first_missing_pieces_of_its_stripes_in_order() -> None:
+    missing = [1] * 12
+    requested = [0] * 12
+    missing[1] = 0  # held
+    requested[5] = 1  # already asked of someone
+    # stripes (k=4): this source relays stripes 1 and 2 -> pieces 1,2,5,6,9,10
+    assert pick_relay(missing, requested, (4, frozenset({1, 2})), 3) == [2, 6, 9]
+    assert pick_relay(missing, requested, (4, frozenset({1, 2})), 10) == [2, 6, 9, 10]
+    assert pick_relay(missing, requested, (4, frozenset({1, 2})), 0) == []
+
+
+def test_pick_relay_ignores_what_the_source_holds() -> None:
+    """Asking ahead: the source answers once it has the piece, so its bitfield is moot."""
+    assert pick_relay([1, 1, 1], [0, 0, 0], (1, frozenset({0})), 2) == [0, 1]
+
+
+@given(
+    st.lists(st.tuples(st.booleans(), st.booleans(), st.booleans()), min_size=1, max_size=64),
+    st.integers(1, 8),
+    st.sets(st.integers(0, 7)),
+)
+def test_stripe_filters_only_ever_narrow_the_choice(rows, k, allowed) -> None:
+    missing = [int(m) for m, _, _ in rows]
+    has = [int(h) for _, h, _ in rows]
+    requested = [int(r) for _, _, r in rows]
+    availability = [1] * len(rows)
+    stripes = (k, frozenset(a for a in allowed if a < k))
+    everything = pick(missing, has, requested, availability, len(rows))
+    narrowed = pick_pieces(
+        missing, has, requested, availability, len(rows), random.Random(0), stripes
+    )
+    assert set(narrowed) == {i for i in everything if i % k in stripes[1]}
+    relay = pick_relay(missing, requested, stripes, len(rows))
+    assert relay == sorted(relay)
+    assert all(missing[i] and not requested[i] and i % k in stripes[1] for i in relay)
+    assert stripe_allowed(3, None) and not stripe_allowed(3, (2, frozenset({0})))

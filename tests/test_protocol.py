@@ -635,6 +635,33 @@ def test_send_block_header_then_payload_parses_as_a_block() -> None:
     assert pair.send(pair.a, KeepAlive()) == [KeepAlive()]
 
 
+def test_block_payload_can_be_received_straight_into_the_blocks_buffer() -> None:
+    """What the engine's read loop does: the bytes after a block header go into the
+    buffer the Block event will carry, with no copy through the parser's buffer."""
+    pair = active_pair()
+    pair.send(pair.b, Request(5, 24, 1000))
+    assert pair.b.payload_buffer() is None  # nothing known to be payload yet
+    pair.b.receive_data(pair.a.send_block_header(5, 24, 1000) + b"q" * 100)
+    assert pair.b.next_event() is NEED_DATA
+    into = pair.b.payload_buffer()
+    assert into is not None and len(into) == 900
+    into[:500] = b"r" * 500
+    pair.b.payload_received(500)
+    with pytest.raises(LocalProtocolError, match="do not fit"):
+        pair.b.payload_received(401)
+    into = pair.b.payload_buffer()
+    assert into is not None and len(into) == 400
+    into[:] = b"s" * 400
+    pair.b.payload_received(400)
+    block = pair.b.next_event()
+    assert block == Block(5, 24, b"q" * 100 + b"r" * 500 + b"s" * 400)
+    assert pair.b.payload_buffer() is None
+    assert pair.b.bytes_received == pair.a.bytes_sent + 1000  # a never said it sent these
+    assert pair.b.block_bytes_received == 1000
+    with pytest.raises(LocalProtocolError, match="do not fit"):
+        pair.b.payload_received(1)
+
+
 def test_send_block_header_needs_a_request() -> None:
     pair = active_pair()
     with pytest.raises(LocalProtocolError, match="answers no outstanding request"):

@@ -29,7 +29,7 @@ from roost.runtime.announce import (
 )
 from roost.runtime.errors import RoostError
 from roost.tracker import RunningTracker, TrackerConfig, load_or_create_token, running_tracker
-from roost.tracker.policy import DEFAULT_INTERVALS, HandoutConfig
+from roost.tracker.policy import DEFAULT_INTERVALS, HandoutConfig, IntervalConfig
 
 SWARM = "ab" * 32
 OTHER_SWARM = "cd" * 32
@@ -442,8 +442,10 @@ def test_state_survives_a_restart(tmp_path: Path) -> None:
         assert ids(answer) == set() and answer["stats"]["peers"] == 1
         assert answer["stats"]["complete"] == 1  # the completion itself is remembered
 
-    tracker_test(before, db, clock)
-    tracker_test(after, db, clock)
+    # Hand-outs start at once (no waiting for the 5 expected peers): this is about state.
+    config = TrackerConfig(intervals=IntervalConfig(gather_timeout=0))
+    tracker_test(before, db, clock, config=config)
+    tracker_test(after, db, clock, config=config)
 
 
 def test_a_corrupt_database_is_a_clear_error(tmp_path: Path) -> None:
@@ -505,3 +507,59 @@ def test_tracker_command_serves_until_terminated(tmp_path: Path) -> None:
         child.send_signal(signal.SIGTERM)
         child.communicate(timeout=60)
     assert child.returncode == 0
+
+
+# -- relay plans ------------------------------------------------------------------------------
+
+
+def test_the_tracker_gathers_the_expected_fleet_then_hands_out_a_relay_plan(
+    tmp_path: Path,
+) -> None:
+    async def body(t: RunningTracker, s: Session, clock: FakeClock) -> None:
+        await register(t, s, expected=3)
+        await ok(t, s, request(1, clock, have=10, seeder=True))
+        first = await ok(t, s, request(2, clock, event="started"))
+        # Waiting for the others: nothing to talk to yet, and come back soon.
+        assert first["peers"] == [] and "sources" not in first
+        assert 0 < first["retry_after"] < 1
+        await ok(t, s, request(3, clock, event="started"))
+        last = await ok(t, s, request(4, clock, event="started"))
+        assert "retry_after" not in last
+        # Three receivers: a pipelined chain origin -> 2 -> 3 -> 4 (join order).
+        plans = {n: (await ok(t, s, request(n, clock)))["sources"] for n in (2, 3, 4)}
+        assert plans == {2: [pid(1)], 3: [pid(2)], 4: [pid(3)]}
+        for n, sources in plans.items():  # a peer's sources are among its neighbours
+            assert set(sources) <= ids(await ok(t, s, request(n, clock)))
+        origin = await ok(t, s, request(1, clock, have=10, seeder=True))
+        assert pid(2) in ids(origin)  # the origin is told about its relay child
+
+    tracker_test(body, tmp_path / "t.db")
+
+
+def test_gathering_gives_up_on_peers_that_never_come(tmp_path: Path) -> None:
+    async def body(t: RunningTracker, s: Session, clock: FakeClock) -> None:
+        await register(t, s, expected=10)
+        await ok(t, s, request(1, clock, have=10, seeder=True))
+        answer = await ok(t, s, request(2, clock))
+        waited = 0.0
+        while "sources" not in answer:  # both keep announcing while the tracker waits
+            assert answer["peers"] == [] and waited <= DEFAULT_INTERVALS.gather_timeout
+            clock.advance(answer["retry_after"])
+            waited += answer["retry_after"]
+            await ok(t, s, request(1, clock, have=10, seeder=True))
+            answer = await ok(t, s, request(2, clock))
+        assert waited >= DEFAULT_INTERVALS.gather_timeout
+        assert set(answer["sources"]) == {pid(1)} and pid(1) in ids(answer)  # every stripe
+
+    tracker_test(body, tmp_path / "t.db")
+
+
+def test_a_tracker_without_relay_plans_hands_out_no_sources(tmp_path: Path) -> None:
+    async def body(t: RunningTracker, s: Session, clock: FakeClock) -> None:
+        await register(t, s, expected=2)
+        await ok(t, s, request(1, clock, have=10, seeder=True))
+        answer = await ok(t, s, request(2, clock))
+        assert "sources" not in answer and "retry_after" not in answer
+        assert pid(1) in ids(answer)
+
+    tracker_test(body, tmp_path / "t.db", config=TrackerConfig(relay=None))

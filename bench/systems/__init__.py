@@ -5,8 +5,10 @@ from __future__ import annotations
 from bench.systems.base import System
 from bench.systems.bittorrent import LibtorrentSystem
 from bench.systems.http_central import HttpSystem
-from bench.systems.roost_swarm import RoostSystem
+from bench.systems.roost_swarm import RoostPlainSwarmSystem, RoostSystem
 
-SYSTEMS: dict[str, type[System]] = {s.name: s for s in (RoostSystem, HttpSystem, LibtorrentSystem)}
+SYSTEMS: dict[str, type[System]] = {
+    s.name: s for s in (RoostSystem, HttpSystem, LibtorrentSystem, RoostPlainSwarmSystem)
+}
 
 __all__ = ["SYSTEMS", "System"]

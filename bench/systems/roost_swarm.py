@@ -16,6 +16,7 @@ LINGER = 120.0  # hosts keep serving until the tracker says the swarm is complet
 class RoostSystem(System):
     name = "roost"
     description = "roost: tracker + seeder on the origin, `roost.runtime fetch` on every host"
+    stripes = "auto"  # the tracker's relay plan (``roost tracker --stripes``)
 
     def prepare(self, bench: Bench) -> None:
         secret = os.path.join(bench.workdir, "swarm.secret")
@@ -33,7 +34,8 @@ class RoostSystem(System):
         run.spawn_origin(
             "tracker",
             [PYTHON, "-m", "roost", "tracker", "--host", origin.address,
-             "--port", str(TRACKER_PORT), "--db", db, "--token-file", token, "--stripes", os.environ.get("ROOST_STRIPES", "auto")],
+             "--port", str(TRACKER_PORT), "--db", db, "--token-file", token,
+             "--stripes", self.stripes],
         )  # fmt: skip
         run.wait_port(origin, TRACKER_PORT)
         register = (
@@ -76,3 +78,11 @@ class RoostSystem(System):
         if event.get("event") == "progress" and event.get("pieces"):
             return event["have"] / event["pieces"], None, None
         return super().interpret(event)
+
+
+class RoostPlainSwarmSystem(RoostSystem):
+    """roost's other mode: no relay plan, every peer picks its sources (rarest first)."""
+
+    name = "roost-swarm"
+    description = "roost without a relay plan (`roost tracker --stripes off`): a plain swarm"
+    stripes = "off"

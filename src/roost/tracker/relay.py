@@ -29,16 +29,17 @@ k-ary heap; racks are chained (or, with ``rack_fanout`` > 1, form a tree)
 through one cross-rack edge per stripe, so each rack receives each byte over
 its uplink once: cross-rack traffic is racks × S.
 
-Stability: the order of hosts is by join time (``first_seen``) within racks
-ordered by their first member's join time, so a host that joins later is
-appended and most sources stay put; a departed host simply disappears and its
-children are given a new source at their next announce. Plans for a few peers
-never name a peer that is not live.
+Stability: when the fleet size is known (``expected``), the tracker waits
+until the fleet has joined before handing out a plan (``policy.gathering``),
+so the first peers do not fetch stripes from the origin that other roots then
+fetch again; the plan is rebuilt only when membership changes. A departed
+host's children get a new source at their next announce, and meanwhile fetch
+its stripes from the swarm (the peer engine's fallback).
 """
 
 from __future__ import annotations
 
-import math
+from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -112,16 +113,19 @@ def build_plan(
     receivers = sum(len(g) for g in groups)
     k = stripe_count(max(receivers, expected or 0), config)
     sources: dict[str, list[str | None]] = {p.peer: [None] * k for group in groups for p in group}
+    load: dict[str, int] = dict.fromkeys(sources, 0)  # streams each receiver sends
     for stripe in range(k):
         origin = seeders[stripe % len(seeders)] if seeders else None
         exits: list[str] = []  # per rack: the member that feeds the next racks this stripe
         for r, group in enumerate(groups):
-            heap = _rotated(group, stripe, k)
+            order = [p.peer for p in _rotated(group, stripe, k)]
             feeder = origin if r == 0 else exits[(r - 1) // config.rack_fanout]
-            for position, p in enumerate(heap):
-                parent = feeder if position == 0 else heap[(position - 1) // k].peer
-                sources[p.peer][stripe] = parent
-            exits.append(_exit(heap, k).peer)
+            sources[order[0]][stripe] = feeder
+            if r + 1 < len(groups):  # the rack's entry also feeds the next racks:
+                exits.append(order[0])  # one hop per rack, its slots reserved first
+                load[order[0]] += config.rack_fanout
+            for child, parent in _tree(order, load, k):
+                sources[child][stripe] = parent
     return RelayPlan(
         stripes=k,
         sources={p: tuple(s) for p, s in sources.items() if None not in s},  # type: ignore[misc]
@@ -132,18 +136,30 @@ def _rotated(group: Sequence[PeerLike], stripe: int, k: int) -> list[PeerLike]:
     """The rack's members, rotated so each stripe has different interior members.
 
     In a k-ary heap of m members the first ceil((m-1)/k) positions are the
-    interior ones; rotating by ceil(m/k) per stripe makes each member interior
-    in about one stripe, so no member uploads more than about B.
+    interior ones; rotating by m/k per stripe makes each member interior in
+    about one stripe, so no member uploads more than about B (at most one
+    stream more, where the interior blocks of two stripes touch).
     """
-    step = math.ceil(len(group) / k)
-    shift = (stripe * step) % len(group)
+    shift = (stripe * len(group)) // k
     return list(group[shift:]) + list(group[:shift])
 
 
-def _exit(heap: Sequence[PeerLike], k: int) -> PeerLike:
-    """The member that also feeds the next racks: the first with a free child slot."""
-    for position, p in enumerate(heap):
-        children = max(0, min(k, len(heap) - 1 - k * position))
-        if children < k:
-            return p
-    return heap[-1]
+def _tree(order: list[str], load: dict[str, int], k: int) -> list[tuple[str, str]]:
+    """(child, parent) edges of one stripe's tree over ``order`` (its root first).
+
+    Breadth-first: each member takes children while it sends fewer than k
+    streams in all stripes together, so the tree is as shallow as a k-ary heap
+    and nobody uploads more than about B. When every member placed so far is
+    full, the least loaded of them takes the child (never a later member, so
+    there are no cycles).
+    """
+    edges = []
+    open_parents = deque([order[0]])
+    for index, child in enumerate(order[1:], start=1):
+        while open_parents and load[open_parents[0]] >= k:
+            open_parents.popleft()
+        parent = open_parents[0] if open_parents else min(order[:index], key=load.__getitem__)
+        load[parent] += 1
+        edges.append((child, parent))
+        open_parents.append(child)
+    return edges
