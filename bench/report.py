@@ -166,7 +166,8 @@ def markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _pyplot() -> Any:
+def pyplot() -> Any:
+    """matplotlib's pyplot on the file-only Agg backend, or None when it is not installed."""
     try:
         import matplotlib
 
@@ -204,7 +205,7 @@ def fleet_progress(run: dict[str, Any], step: float = 0.25) -> tuple[list[float]
 def progress_chart(results: dict[str, Any], path: str) -> str | None:
     """A PNG: the share of the release held by the fleet over time, per system, against
     the physical limit (a straight line reaching 100 % at T_min)."""
-    plt = _pyplot()
+    plt = pyplot()
     if plt is None:
         return None
     fig, ax = plt.subplots(figsize=(8, 4.5), dpi=120)
@@ -233,7 +234,7 @@ def progress_chart(results: dict[str, Any], path: str) -> str | None:
 def chart(results: dict[str, Any], path: str) -> str | None:
     """A PNG: hosts holding the release over time, per system, with T_min. None if
     matplotlib is missing."""
-    plt = _pyplot()
+    plt = pyplot()
     if plt is None:
         return None
     from matplotlib.ticker import MaxNLocator

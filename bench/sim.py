@@ -68,7 +68,7 @@ from dataclasses import dataclass
 from typing import Any, NoReturn
 
 from bench.common import argv_used, log
-from bench.report import _pyplot, fmt_num, t_min
+from bench.report import fmt_num, pyplot, t_min
 from bench.testbed import format_rate, parse_rate
 from roost import __version__ as roost_version
 from roost.runtime.cli import format_size, parse_size
@@ -223,7 +223,7 @@ def simulate(
             children.setdefault(srcs[stripe], []).append(child)
         durations: dict[float, list[float]] = {}  # edges of equal rate share their durations
         frontier = deque((origin, [0.0] * len(order), 0) for origin in origins)
-        reached = 0
+        reached: set[str] = set()
         while frontier:
             src, held, hops = frontier.popleft()
             for child in children.get(src, ()):
@@ -234,12 +234,12 @@ def simulate(
                 if arrivals:
                     completion[child] = max(completion[child], arrivals[-1])
                 frontier.append((child, arrivals, hops + 1))
-                reached += 1
+                reached.add(child)
                 depth = max(depth, hops + 1)
                 origin_egress += stripe_bytes if src in origins else 0
                 cross_rack += stripe_bytes if _crosses(src, child, racks) else 0
-        if reached != len(sources):
-            stranded = sorted(set(sources) - _reachable(children, origins))
+        if len(reached) != len(sources):
+            stranded = sorted(set(sources) - reached)
             raise PlanError(
                 f"relay plan, stripe {stripe}: {len(stranded)} host(s) whose chain of sources"
                 f" never reaches a seeder (a cycle or an unknown source), e.g. {stranded[:3]}"
@@ -251,17 +251,6 @@ def simulate(
         origin_egress_bytes=origin_egress,
         cross_rack_bytes=cross_rack,
     )
-
-
-def _reachable(children: Mapping[str, Sequence[str]], origins: frozenset[str]) -> set[str]:
-    seen: set[str] = set()
-    todo = list(origins)
-    while todo:
-        for child in children.get(todo.pop(), ()):
-            if child not in seen:
-                seen.add(child)
-                todo.append(child)
-    return seen
 
 
 def _distinct_children(
@@ -524,14 +513,15 @@ def markdown(report: dict[str, Any]) -> str:
 def eta_chart(report: dict[str, Any], path: str) -> str | None:
     """A PNG of predicted η against fleet size, one line per stripe count; None without
     matplotlib."""
-    plt = _pyplot()
+    plt = pyplot()
     if plt is None:
         return None
     sc = report["scenario"]
     fig, ax = plt.subplots(figsize=(8, 4.5), dpi=120)
     for label, points in report["sweep"].items():
         hosts, etas = zip(*points)
-        ax.plot(hosts, etas, marker="o", label=f"stripes {label}")
+        style = "--" if label == "auto" else "-"  # auto overlies the count it picks: dashed
+        ax.plot(hosts, etas, marker="o", linestyle=style, label=f"stripes {label}")
     ax.set_xscale("log")
     ax.set_xlabel("hosts")
     ax.set_ylabel("predicted η = T_min / T_last")

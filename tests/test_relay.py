@@ -133,3 +133,13 @@ def test_config_is_validated() -> None:
         RelayConfig(stripes=17)
     with pytest.raises(ValueError):
         RelayConfig(rack_fanout=0)
+
+
+def test_a_chain_crosses_each_rack_boundary_once() -> None:
+    peers = fleet(6, racks=3)  # fewer than CHAIN_BELOW receivers: one chain
+    plan = build_plan(peers)
+    rack = {p.peer: p.rack for p in peers}
+    assert plan.stripes == 1
+    assert max(uploads(plan).values()) == 1
+    crossings = sum(rack[c] != rack.get(s[0]) for c, s in plan.sources.items())
+    assert crossings == 3  # into each rack once (the first from the origin)

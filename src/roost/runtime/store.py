@@ -22,10 +22,9 @@ lock before every change) recognises and removes.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import errno
 import fcntl
+import functools
 import hashlib
 import json
 import os
@@ -605,17 +604,24 @@ def _sync_filesystem(path: str) -> None:
     """Flush the data of the filesystem holding ``path`` before a release is published."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        if _syncfs is None or _syncfs(fd) != 0:
+        syncfs = _syncfs()
+        if syncfs is None or syncfs(fd) != 0:
             os.sync()
     finally:
         os.close(fd)
 
 
-def _load_syncfs() -> Callable[[int], int] | None:
+@functools.cache
+def _syncfs() -> Callable[[int], int] | None:
+    """libc's syncfs (only this filesystem, not every disk), looked up on first use.
+
+    The process's own symbols (``CDLL(None)``) include the C library already
+    loaded, so there is no ``find_library``, which runs ``ldconfig`` in a
+    subprocess and used to cost every peer's start-up tens of milliseconds.
+    """
     try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True).syncfs
+        import ctypes
+
+        return ctypes.CDLL(None, use_errno=True).syncfs
     except (OSError, AttributeError):
         return None
-
-
-_syncfs = _load_syncfs()

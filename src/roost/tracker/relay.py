@@ -16,18 +16,22 @@ The shape
 The pieces are dealt into ``k`` *stripes* (piece *i* belongs to stripe
 ``i mod k``). Each stripe flows down its own tree, SplitStream-style: every
 host has exactly one *source* per stripe and receives each stripe at about
-B/k, so B in all; a host forwards (is *interior*) in about one stripe, to at
-most ``k`` children, so its upload is about B too. The origin sends each
-stripe once, to that stripe's root: S bytes in all. A piece is forwarded as
-soon as it is verified (children ask for pieces ahead of their source holding
-them), so a tree of depth d delays the last host by about d piece-times at
-B/k, not by whole-release copies; depth is log_k of the fleet size, so 10,000
-hosts are 7 levels deep at k = 4. ``k = 1`` is a pipelined chain.
+B/k, so B in all. Trees are built breadth-first, and a host takes children
+only while it sends fewer than ``k`` streams over all stripes, so its upload
+is about B too. The origin sends each stripe once, to that stripe's root: S
+bytes in all. A piece is forwarded as soon as it is verified (children ask
+for pieces ahead of their source holding them), so a tree of depth d delays
+the last host by about d piece-times at B/k, not by whole-release copies;
+depth is about log_k of the fleet size (8 hops from the origin for 10,000
+hosts at k = 4). ``k = 1`` is a pipelined chain.
 
-Racks: hosts are grouped by rack. Within a rack each stripe's tree is a
-k-ary heap; racks are chained (or, with ``rack_fanout`` > 1, form a tree)
-through one cross-rack edge per stripe, so each rack receives each byte over
-its uplink once: cross-rack traffic is racks × S.
+Racks: hosts are grouped by rack. Within a rack each stripe has its own
+breadth-first tree; the racks are chained (or, with ``rack_fanout`` > 1, form
+a tree) through the racks' entry members, one cross-rack edge per stripe, so
+each rack receives each byte over its uplink once: cross-rack traffic is
+racks × S. A chained rack adds a hop, so with many racks depth grows with
+their number (the price of crossing each uplink once); an entry feeding the
+next racks may send one stream more than ``k`` when ``k`` is odd.
 
 Stability: when the fleet size is known (``expected``), the tracker waits
 until the fleet has joined before handing out a plan (``policy.gathering``),
@@ -112,6 +116,8 @@ def build_plan(
     groups = relay_order(p for p in peers if not p.seeder)
     receivers = sum(len(g) for g in groups)
     k = stripe_count(max(receivers, expected or 0), config)
+    if k == 1:  # a chain: through the racks one after the other, one crossing each
+        groups = [[p for group in groups for p in group]] if groups else []
     sources: dict[str, list[str | None]] = {p.peer: [None] * k for group in groups for p in group}
     load: dict[str, int] = dict.fromkeys(sources, 0)  # streams each receiver sends
     for stripe in range(k):
@@ -133,13 +139,9 @@ def build_plan(
 
 
 def _rotated(group: Sequence[PeerLike], stripe: int, k: int) -> list[PeerLike]:
-    """The rack's members, rotated so each stripe has different interior members.
-
-    In a k-ary heap of m members the first ceil((m-1)/k) positions are the
-    interior ones; rotating by m/k per stripe makes each member interior in
-    about one stripe, so no member uploads more than about B (at most one
-    stream more, where the interior blocks of two stripes touch).
-    """
+    """The rack's members, rotated by m/k per stripe: the first members of a
+    breadth-first tree are its interior ones, so each member starts (and forwards
+    in) a different stripe, and the trees stay shallow."""
     shift = (stripe * len(group)) // k
     return list(group[shift:]) + list(group[:shift])
 
