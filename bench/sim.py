@@ -133,7 +133,7 @@ def request_orders(pieces: int, stripes: int) -> list[list[int]]:
     nothing and has requested nothing: every host starts so, so one call per stripe
     gives every host's order.
     """
-    missing, requested = [1] * pieces, [0] * pieces
+    missing, requested = bytearray([1]) * pieces, [0] * pieces
     return [
         pick_relay(missing, requested, (stripes, frozenset({s})), pieces) for s in range(stripes)
     ]

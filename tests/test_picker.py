@@ -19,7 +19,7 @@ from roost.runtime.picker import (
 
 
 def pick(missing, has, requested, availability, count, seed=0):
-    return pick_pieces(missing, has, requested, availability, count, random.Random(seed))
+    return pick_pieces(bytearray(missing), has, requested, availability, count, random.Random(seed))
 
 
 # -- pick_pieces --------------------------------------------------------------------------
@@ -72,7 +72,7 @@ def test_inputs_are_not_modified() -> None:
     missing, has, requested, availability = [1, 1, 1], [1, 1, 1], [0, 1, 0], [2, 1, 3]
     copies = [list(missing), list(has), list(requested), list(availability)]
     pick(missing, has, requested, availability, 3)
-    pick_endgame(missing, has, requested, set(), availability, 3, random.Random(0))
+    pick_endgame(bytearray(missing), has, requested, set(), availability, 3, random.Random(0))
     assert [missing, has, requested, availability] == copies
 
 
@@ -112,7 +112,9 @@ def test_endgame_only_duplicates_pieces_in_flight_elsewhere() -> None:
     has = [1, 1, 1, 1, 0, 1]
     requested = [0, 1, 1, ENDGAME_MAX_DUPLICATES, 1, 1]
     asked_here = {2}
-    chosen = pick_endgame(missing, has, requested, asked_here, [1] * 6, 10, random.Random(0))
+    chosen = pick_endgame(
+        bytearray(missing), has, requested, asked_here, [1] * 6, 10, random.Random(0)
+    )
     # 0: not requested yet (pick_pieces' job); 2: already asked of this neighbour;
     # 3: at the duplicate bound; 4: this neighbour lacks it; 5: held already.
     assert chosen == [1]
@@ -120,9 +122,14 @@ def test_endgame_only_duplicates_pieces_in_flight_elsewhere() -> None:
 
 def test_endgame_prefers_rare_pieces_and_respects_count() -> None:
     n = 6
-    chosen = pick_endgame([1] * n, [1] * n, [1] * n, set(), [4, 2, 6, 1, 3, 5], 3, random.Random(0))
+    chosen = pick_endgame(
+        bytearray([1] * n), [1] * n, [1] * n, set(), [4, 2, 6, 1, 3, 5], 3, random.Random(0)
+    )
     assert chosen == [3, 1, 4]
-    assert pick_endgame([1] * n, [1] * n, [1] * n, set(), [1] * n, 0, random.Random(0)) == []
+    assert (
+        pick_endgame(bytearray([1] * n), [1] * n, [1] * n, set(), [1] * n, 0, random.Random(0))
+        == []
+    )
 
 
 @given(
@@ -145,9 +152,11 @@ def test_endgame_duplicates_are_bounded_and_never_reask_a_neighbour(
     for _ in range(pieces * neighbours + 1):
         progress = False
         for who in range(neighbours):
-            chosen = pick_pieces(missing, has, requested, availability, count, rng)
+            chosen = pick_pieces(bytearray(missing), has, requested, availability, count, rng)
             if not chosen:
-                chosen = pick_endgame(missing, has, requested, asked[who], availability, count, rng)
+                chosen = pick_endgame(
+                    bytearray(missing), has, requested, asked[who], availability, count, rng
+                )
             for index in chosen:
                 assert index not in asked[who], "asked the same neighbour twice"
                 asked[who].add(index)
@@ -190,14 +199,14 @@ def test_pick_relay_asks_for_the_first_missing_pieces_of_its_stripes_in_order() 
     missing[1] = 0  # held
     requested[5] = 1  # already asked of someone
     # stripes (k=4): this source relays stripes 1 and 2 -> pieces 1,2,5,6,9,10
-    assert pick_relay(missing, requested, (4, frozenset({1, 2})), 3) == [2, 6, 9]
-    assert pick_relay(missing, requested, (4, frozenset({1, 2})), 10) == [2, 6, 9, 10]
-    assert pick_relay(missing, requested, (4, frozenset({1, 2})), 0) == []
+    assert pick_relay(bytearray(missing), requested, (4, frozenset({1, 2})), 3) == [2, 6, 9]
+    assert pick_relay(bytearray(missing), requested, (4, frozenset({1, 2})), 10) == [2, 6, 9, 10]
+    assert pick_relay(bytearray(missing), requested, (4, frozenset({1, 2})), 0) == []
 
 
 def test_pick_relay_ignores_what_the_source_holds() -> None:
     """Asking ahead: the source answers once it has the piece, so its bitfield is moot."""
-    assert pick_relay([1, 1, 1], [0, 0, 0], (1, frozenset({0})), 2) == [0, 1]
+    assert pick_relay(bytearray([1, 1, 1]), [0, 0, 0], (1, frozenset({0})), 2) == [0, 1]
 
 
 @given(
@@ -213,10 +222,10 @@ def test_stripe_filters_only_ever_narrow_the_choice(rows, k, allowed) -> None:
     stripes = (k, frozenset(a for a in allowed if a < k))
     everything = pick(missing, has, requested, availability, len(rows))
     narrowed = pick_pieces(
-        missing, has, requested, availability, len(rows), random.Random(0), stripes
+        bytearray(missing), has, requested, availability, len(rows), random.Random(0), stripes
     )
     assert set(narrowed) == {i for i in everything if i % k in stripes[1]}
-    relay = pick_relay(missing, requested, stripes, len(rows))
+    relay = pick_relay(bytearray(missing), requested, stripes, len(rows))
     assert relay == sorted(relay)
     assert all(missing[i] and not requested[i] and i % k in stripes[1] for i in relay)
     assert stripe_allowed(3, None) and not stripe_allowed(3, (2, frozenset({0})))

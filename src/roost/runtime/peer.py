@@ -50,8 +50,9 @@ REJECT_PAUSE = 1.0  # seconds before re-asking a neighbour that rejected a reque
 SOURCE_GRACE = 3.0
 SOURCE_PATIENCE = 5.0
 RELAY_CHECK_EVERY = 0.5
-# Verifying and writing a piece this small takes less time inline than handing it to a
-# worker thread and back (two thread switches under the GIL); larger ones go to workers.
+# Verifying and writing (into the page cache) a piece this small takes less time inline
+# than handing it to a worker thread and back (two thread switches under the GIL);
+# larger ones go to workers, and so do a seeder's reads of its source tree.
 INLINE_WORK_LIMIT = 1 << 20
 # Haves are sent in batches at most this often: with a piece arriving every few tens of
 # milliseconds, announcing each at once to every neighbour costs more than it is worth
@@ -661,11 +662,10 @@ class Engine:
         """Start (once) checking a seeder's on-disk piece; requests queue behind uploads,
         so a check on a worker runs while earlier uploads are still being sent."""
         check = self._source_checks.get(index)
-        if check is None:
-            size = self.manifest.piece_length(index)
-            check = self._source_checks[index] = self._blocking(
-                size, self.pieces.check_source, index
-            )
+        if check is None:  # a disk read (maybe cold, maybe remote): never on the loop
+            loop = asyncio.get_running_loop()
+            check = loop.run_in_executor(self._workers, self.pieces.check_source, index)
+            self._source_checks[index] = check
         return check
 
     def _blocking(self, size: int, work: Callable[..., Any], *args: Any) -> asyncio.Future:

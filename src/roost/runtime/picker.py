@@ -16,7 +16,7 @@ others are cancelled.
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Optional
 
 # (k, allowed): only pieces i with i % k in allowed (relay stripes); None: every piece.
@@ -28,8 +28,18 @@ ENDGAME_MAX_DUPLICATES = 2
 ENDGAME_MIN_PIECES = 4
 
 
+def missing_pieces(missing: bytes | bytearray) -> Iterator[int]:
+    """The indexes *i* with ``missing[i]`` set, found by the C-level ``find``: late in a
+    download almost every piece is held, and stepping over them one by one in Python
+    made every pick cost the whole release."""
+    i = missing.find(1)
+    while i >= 0:
+        yield i
+        i = missing.find(1, i + 1)
+
+
 def pick_pieces(
-    missing: Sequence[int],
+    missing: bytes | bytearray,
     neighbour_has: Sequence[int],
     requested: Sequence[int],
     availability: Sequence[int],
@@ -39,23 +49,19 @@ def pick_pieces(
 ) -> list[int]:
     """Up to ``count`` pieces to request from one neighbour, rarest first.
 
-    ``missing[i]`` is true while we still need piece *i*, ``neighbour_has[i]``
+    ``missing[i]`` is 1 while we still need piece *i*, ``neighbour_has[i]``
     when this neighbour holds it, ``requested[i]`` counts requests for it in
     flight to anyone, and ``availability[i]`` counts neighbours that hold it.
     ``stripes`` = (k, allowed): only pieces *i* with ``i % k`` in ``allowed``.
     """
     if count <= 0:
         return []
-    candidates = [
-        i
-        for i, (need, has, asked) in enumerate(zip(missing, neighbour_has, requested))
-        if need and has and not asked
-    ]
+    candidates = [i for i in missing_pieces(missing) if neighbour_has[i] and not requested[i]]
     return _rarest(_in_stripes(candidates, stripes), availability, count, rng)
 
 
 def pick_relay(
-    missing: Sequence[int], requested: Sequence[int], stripes: Stripes, count: int
+    missing: bytes | bytearray, requested: Sequence[int], stripes: Stripes, count: int
 ) -> list[int]:
     """Up to ``count`` pieces to ask of our relay source: the first missing ones of its
     stripes, in order, whether or not it holds them yet.
@@ -67,8 +73,8 @@ def pick_relay(
     if count <= 0:
         return []
     chosen = []
-    for i, (need, asked) in enumerate(zip(missing, requested)):
-        if need and not asked and stripe_allowed(i, stripes):
+    for i in missing_pieces(missing):
+        if not requested[i] and stripe_allowed(i, stripes):
             chosen.append(i)
             if len(chosen) == count:
                 break
@@ -97,7 +103,7 @@ def in_endgame(missing_count: int, neighbours: int) -> bool:
 
 
 def pick_endgame(
-    missing: Sequence[int],
+    missing: bytes | bytearray,
     neighbour_has: Sequence[int],
     requested: Sequence[int],
     asked_of_neighbour: set[int],
@@ -111,8 +117,10 @@ def pick_endgame(
         return []
     candidates = [
         i
-        for i, (need, has, asked) in enumerate(zip(missing, neighbour_has, requested))
-        if need and has and 0 < asked < ENDGAME_MAX_DUPLICATES and i not in asked_of_neighbour
+        for i in missing_pieces(missing)
+        if neighbour_has[i]
+        and 0 < requested[i] < ENDGAME_MAX_DUPLICATES
+        and i not in asked_of_neighbour
     ]
     return _rarest(_in_stripes(candidates, stripes), availability, count, rng)
 
