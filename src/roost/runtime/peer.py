@@ -721,7 +721,11 @@ class Engine:
             self._on_block(neighbour, event)
         elif isinstance(event, wire.Have):
             self._mark_has(neighbour, [event.piece])
-            self._refill(neighbour)
+            # While every stripe comes from its relay source, a Have from anyone else
+            # changes nothing we would ask for.
+            relayed = self.sources and not self.failed_sources
+            if not relayed or self._relay_stripes(neighbour):
+                self._refill(neighbour)
         elif isinstance(event, wire.Bitfield):
             self._mark_has(neighbour, event.pieces())
             self._refill(neighbour)
