@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SYSTEMS = ["roost", "http", "libtorrent"]
+SYSTEMS = ["roost", "http", "libtorrent", "roost-swarm"]
 
 
 def _missing() -> list[str]:
@@ -93,5 +93,13 @@ def test_results_folder_and_teardown(quick: dict[str, Any]) -> None:
     for key in ("t_first", "t_p50", "t_last", "eta", "origin_egress_ratio", "cpu_idle", "correct"):
         for name, figures in quick["results"]["systems"].items():
             assert key in figures, (name, key)
+    out = quick["out"]
+    assert (out / "completion.png").exists() and (out / "progress.png").exists()
+    for name, figures in quick["results"]["systems"].items():
+        (run,) = figures["runs"]
+        # every host reported its progress, ending with the whole release
+        assert all(tl and tl[-1][1] == 1.0 for tl in run["host_progress"].values()), name
+        assert (out / "logs" / f"{name}-0").is_dir()
+        assert 0 <= figures["cpu_system_seconds"] <= figures["cpu_seconds"]
     # the testbed's namespaces (named after the bench's pid) are gone
     assert f"roost-b{quick['pid']}-" not in quick["netns"]

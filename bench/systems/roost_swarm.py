@@ -19,6 +19,8 @@ class RoostSystem(System):
     stripes = "auto"  # the tracker's relay plan (``roost tracker --stripes``)
 
     def prepare(self, bench: Bench) -> None:
+        if "roost_secret" in bench.state:  # both roost modes share one secret
+            return
         secret = os.path.join(bench.workdir, "swarm.secret")
         write_secret(secret)
         bench.state["roost_secret"] = secret
