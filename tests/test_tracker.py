@@ -29,7 +29,9 @@ from roost.runtime.announce import (
 )
 from roost.runtime.errors import RoostError
 from roost.tracker import RunningTracker, TrackerConfig, load_or_create_token, running_tracker
+from roost.tracker.command import relay_config
 from roost.tracker.policy import DEFAULT_INTERVALS, HandoutConfig, IntervalConfig
+from roost.tracker.relay import RelayConfig
 
 SWARM = "ab" * 32
 OTHER_SWARM = "cd" * 32
@@ -507,6 +509,29 @@ def test_tracker_command_serves_until_terminated(tmp_path: Path) -> None:
         child.send_signal(signal.SIGTERM)
         child.communicate(timeout=60)
     assert child.returncode == 0
+
+
+@pytest.mark.parametrize("stripes", ["0", "17", "many", "-1"])
+def test_tracker_command_refuses_a_bad_stripe_count_before_writing_anything(
+    tmp_path: Path, stripes: str
+) -> None:
+    db = tmp_path / "state.db"
+    done = subprocess.run(
+        [sys.executable, "-m", "roost", "tracker", "--db", str(db), "--stripes", stripes],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")},
+    )
+    assert done.returncode != 0
+    assert "--stripes" in done.stderr and "Traceback" not in done.stderr
+    assert list(tmp_path.iterdir()) == []  # no token, no database
+
+
+def test_stripes_option_maps_to_relay_configs() -> None:
+    assert relay_config("off") is None
+    assert relay_config("auto") == RelayConfig()
+    assert relay_config("1") == RelayConfig(stripes=1)
 
 
 # -- relay plans ------------------------------------------------------------------------------

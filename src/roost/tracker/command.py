@@ -47,10 +47,10 @@ def relay_config(stripes: str) -> RelayConfig | None:
         return None
     if stripes == "auto":
         return RelayConfig()
-    try:
-        return RelayConfig(stripes=int(stripes))
-    except ValueError:
-        raise RoostError(f"--stripes: expected auto, off or 1..16, not {stripes!r}") from None
+    count = int(stripes) if stripes.isdigit() else 0
+    if not 1 <= count <= 16:
+        raise RoostError(f"--stripes: expected auto, off or 1..16, not {stripes!r}")
+    return RelayConfig(stripes=count)
 
 
 def cmd_tracker(args: argparse.Namespace) -> int:
