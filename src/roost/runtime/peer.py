@@ -723,8 +723,8 @@ class Engine:
             self._mark_has(neighbour, [event.piece])
             # While every stripe comes from its relay source, a Have from anyone else
             # changes nothing we would ask for.
-            relayed = self.sources and not self.failed_sources
-            if not relayed or self._relay_stripes(neighbour):
+            swarm = self._swarm_stripes()
+            if swarm is None or swarm[1] or self._relay_stripes(neighbour):
                 self._refill(neighbour)
         elif isinstance(event, wire.Bitfield):
             self._mark_has(neighbour, event.pieces())
@@ -991,11 +991,18 @@ class Engine:
         )
 
     def _swarm_stripes(self) -> picker.Stripes:
-        """The stripes fetched from whoever holds them: all without a plan, else the
-        stripes whose relay source failed."""
-        if not self.sources:
+        """The stripes also fetched from whoever holds them: all without a plan, else
+        the stripes whose relay source failed, and all once one stripe is complete.
+
+        A complete stripe frees its share of our download, and a stripe still
+        coming is then behind the others (its source lags, say, on a busy host):
+        its pieces may come from anyone who has them, so its subtree catches up
+        instead of finishing last.
+        """
+        k = self.stripes
+        if not self.sources or any(not self.missing[s::k].count(1) for s in range(k)):
             return None
-        return (self.stripes, frozenset(self.failed_sources))
+        return (k, frozenset(self.failed_sources))
 
     def _fail_source(self, stripe: int, reason: str) -> None:
         if stripe in self.failed_sources or stripe not in self.sources:
