@@ -42,7 +42,7 @@ a rack sends out as many edges as it takes in.
 
 Run from the repository root::
 
-    python -m bench.sim [--hosts 16,1000,10000] [--size 128M] [--piece-size 512K]
+    python -m bench.sim [--hosts 16,1000,10000] [--size 128M] [--piece-size SIZE]
                         [--bandwidth 100M] [--origin-bandwidth RATE] [--racks R]
                         [--uplink RATE] [--stripes auto|K] [--startup SECONDS]
                         [--hop-delay SECONDS] [--out DIR]
@@ -72,6 +72,7 @@ from bench.report import fmt_num, pyplot, t_min
 from bench.testbed import format_rate, parse_rate
 from roost import __version__ as roost_version
 from roost.runtime.cli import format_size, parse_size
+from roost.runtime.manifest import auto_piece_size
 from roost.runtime.picker import pick_relay
 from roost.tracker.policy import PeerView
 from roost.tracker.relay import RelayConfig, build_plan
@@ -365,7 +366,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = _Parser(prog="python -m bench.sim", description=__doc__.split("\n")[0])
     p.add_argument("--hosts", type=_hosts_list, default=[16, 1000, 10_000], metavar="N,N,...")
     p.add_argument("--size", type=_positive_size, default=parse_size("128M"), metavar="SIZE")
-    p.add_argument("--piece-size", type=_positive_size, default=parse_size("512K"), metavar="SIZE")
+    p.add_argument(
+        "--piece-size",
+        type=_positive_size,
+        metavar="SIZE",
+        help="default: what `roost pack` chooses for --size (256 KiB for 128 MiB)",
+    )
     p.add_argument("--bandwidth", type=parse_rate, default=parse_rate("100M"), metavar="RATE")
     p.add_argument("--origin-bandwidth", type=parse_rate, metavar="RATE", help="default: B")
     p.add_argument("--racks", type=int, default=0, metavar="R", help="hosts split evenly")
@@ -396,7 +402,8 @@ def scenario_of(args: argparse.Namespace) -> Scenario:
     origin = args.origin_bandwidth / 8 if args.origin_bandwidth else b
     uplink = (args.uplink / 8 if args.uplink else 2 * b) if args.racks else None
     network = Network(b, origin, uplink, hop_delay=args.hop_delay, startup=args.startup)
-    return Scenario(args.size, args.piece_size, network, args.racks, args.stripes)
+    piece_size = args.piece_size or auto_piece_size(args.size)
+    return Scenario(args.size, piece_size, network, args.racks, args.stripes)
 
 
 def stripes_label(stripes: int) -> str:

@@ -53,10 +53,10 @@ RELAY_CHECK_EVERY = 0.5
 # Verifying and writing (into the page cache) a piece this small takes less time inline
 # than handing it to a worker thread and back (two thread switches under the GIL);
 # larger ones go to workers, and so do a seeder's reads of its source tree.
-INLINE_WORK_LIMIT = 1 << 20
-# Haves are sent in batches at most this often: with a piece arriving every few tens of
-# milliseconds, announcing each at once to every neighbour costs more than it is worth
-# (relay children ask ahead of time and do not wait for them).
+INLINE_WORK_LIMIT = 256 << 10
+# With a relay plan, Haves are sent in batches at most this often: with a piece arriving
+# every few tens of milliseconds, announcing each at once to every neighbour costs more
+# than it is worth (relay children ask ahead of time and do not wait for them).
 HAVE_DELAY = 0.2
 LOW_WATER_CAP = 64 << 10
 _SO_RCVLOWAT = getattr(socket, "SO_RCVLOWAT", None) if sys.platform == "linux" else None
@@ -858,8 +858,11 @@ class Engine:
         for other in list(self.neighbours.values()):
             if self._cancel_download(other, index):
                 self._refill(other)
+        # Relayed stripes need no Haves (children ask ahead): batch them. In a plain
+        # swarm they steer everyone's picking, so they leave at once.
         if not self._haves:
-            asyncio.get_running_loop().call_later(HAVE_DELAY, self._send_haves)
+            delay = HAVE_DELAY if self.sources else 0.0
+            asyncio.get_running_loop().call_later(delay, self._send_haves)
         self._haves.append(index)
         if self.pieces.complete and not self._finishing:
             await self._finish()
