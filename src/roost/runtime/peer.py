@@ -265,6 +265,9 @@ class Engine:
         self._plan_at = self.clock()
         self._parked: dict[int, list[tuple[Neighbour, _Upload]]] = {}  # asked before we had it
         self._haves: list[int] = []  # pieces verified since the last Have batch
+        # The tracker is still gathering the fleet (see announce ``retry_after``): ask
+        # nobody for anything until it has planned, or the plan would start too late.
+        self._gathering = False
         self._failure: BaseException | None = None
         self._finishing = False
         self.completed = pieces.complete
@@ -401,7 +404,10 @@ class Engine:
                 if peer_id != self.config.peer_id:
                     self.known[(peer.addr, peer.port)] = peer_id
             self._dial_known()
+            gathering, self._gathering = self._gathering, response.retry_after is not None
             self._set_plan(response.sources)
+            if gathering and not self._gathering:
+                self._refill_all()  # the tracker has planned: start asking
             event = "update"
             interval = response.retry_after or announce.jittered(response.interval, self.rng)
             await self._sleep_or_complete(interval, reported_complete)
@@ -897,7 +903,7 @@ class Engine:
 
     def _refill(self, neighbour: Neighbour) -> None:
         """Keep enough requests in flight to this neighbour to fill the link."""
-        if self.completed or neighbour.closed:
+        if self.completed or neighbour.closed or self._gathering:
             return
         if self._pending >= max(PENDING_LIMIT, 2 * self.manifest.piece_size):
             # Disk or hashing is behind: received pieces wait, and no more are asked for
