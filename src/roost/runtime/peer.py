@@ -31,7 +31,6 @@ from typing import Any, Callable
 
 from roost.runtime import announce, picker
 from roost.runtime import protocol as wire
-from roost.runtime.errors import IntegrityError
 from roost.runtime.manifest import Manifest
 from roost.runtime.ratelimit import TokenBucket
 
@@ -129,20 +128,30 @@ class Pieces:
         return all(self.have)
 
     def store(self, index: int, data: bytes) -> None:
-        """Blocking: write a verified piece (runs on a worker thread)."""
+        """Blocking: write a verified piece."""
         if self._write is None:
             raise RuntimeError("this piece store is read-only")
         self._write(index, data)
 
     def check_source(self, index: int) -> bool:
         """Blocking: does the on-disk piece still match the manifest? (seeders only)."""
-        from roost.runtime.tree import read_piece
-
         try:
-            data = read_piece(self.root, self.manifest, index)
-        except (OSError, IntegrityError):  # read_piece: missing, unreadable or truncated file
+            data = self.read(index, 0, self.manifest.piece_length(index))
+        except OSError:  # a missing, unreadable or truncated file
             return False
         return _verify(data, self.manifest.pieces[index])
+
+    def read(self, index: int, offset: int, length: int) -> bytes:
+        """Blocking: ``length`` bytes at ``offset`` of a piece, read from its files (each
+        opened for this read alone, so no descriptor is shared with another upload)."""
+        parts = []
+        for path, start, size in self.spans(index, offset, length):
+            with self.open(path) as f:
+                data = os.pread(f.fileno(), size, start)
+            if len(data) != size:
+                raise OSError(f"{path} is shorter than the release says")
+            parts.append(data)
+        return b"".join(parts)
 
     def open(self, path: str) -> Any:
         """A file of the release, by its path in the manifest, for reading."""
@@ -610,7 +619,7 @@ class Engine:
             self._close(neighbour, "send failed")
 
     async def _send_upload(self, neighbour: Neighbour, upload: _Upload) -> None:
-        key = (upload.piece, upload.offset, upload.length)
+        key = _key(upload)
         loop = asyncio.get_running_loop()
         if key in neighbour.uploads_cancelled:  # every request gets one answer: a Reject here
             neighbour.uploads_cancelled.discard(key)
@@ -654,15 +663,7 @@ class Engine:
             if sent != length:
                 raise OSError(f"{path} is shorter than the release says")
         else:  # many small files: one read each and a single send beat a sendfile each
-            payload = b"".join(self._read_run(*run) for run in runs)
-            await loop.sock_sendall(sock, header + payload)
-
-    def _read_run(self, path: str, offset: int, length: int) -> bytes:
-        with self.pieces.open(path) as f:
-            data = os.pread(f.fileno(), length, offset)
-        if len(data) != length:
-            raise OSError(f"{path} is shorter than the release says")
-        return data
+            await loop.sock_sendall(sock, header + self.pieces.read(*key))
 
     def _check_source(self, index: int) -> asyncio.Future:
         """Start (once) checking a seeder's on-disk piece; requests queue behind uploads,
@@ -674,17 +675,11 @@ class Engine:
             self._source_checks[index] = check
         return check
 
-    def _blocking(self, size: int, work: Callable[..., Any], *args: Any) -> asyncio.Future:
+    async def _blocking(self, size: int, work: Callable[..., Any], *args: Any) -> Any:
         """Run blocking work on ``size`` bytes: inline when small, else on a worker."""
-        loop = asyncio.get_running_loop()
-        if size > INLINE_WORK_LIMIT:
-            return loop.run_in_executor(self._workers, work, *args)
-        done = loop.create_future()
-        try:
-            done.set_result(work(*args))
-        except Exception as exc:  # delivered to the awaiting caller, as from a worker
-            done.set_exception(exc)
-        return done
+        if size <= INLINE_WORK_LIMIT:
+            return work(*args)
+        return await asyncio.get_running_loop().run_in_executor(self._workers, work, *args)
 
     async def _keepalive_loop(self) -> None:
         """Keep quiet connections alive, and drop those the other side stopped answering
@@ -983,8 +978,9 @@ class Engine:
         }
         self.stripes, self.sources, self.failed_sources = stripes, plan, kept
         self._plan_at = self.clock()
+        swarm = self._swarm_stripes()
         for neighbour in list(self.neighbours.values()):
-            relay, swarm = self._relay_stripes(neighbour), self._swarm_stripes()
+            relay = self._relay_stripes(neighbour)
             for index in list(neighbour.downloads):
                 stripe = index % self.stripes
                 if stripe not in relay and not picker.stripe_allowed(index, swarm):
