@@ -178,6 +178,17 @@ def pyplot() -> Any:
     return plt
 
 
+def save_chart(plt: Any, fig: Any, ax: Any, path: str, title: str, *, legend: str) -> str:
+    """The finish every chart shares: title, light grid, legend, a PNG at ``path``."""
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(loc=legend, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
 def _title(sc: dict[str, Any]) -> str:
     return (
         f"{sc['hosts']} hosts, {sc['size_bytes'] / MiB:.0f} MiB, B = {sc['bandwidth']},"
@@ -191,7 +202,7 @@ def fleet_progress(run: dict[str, Any], step: float = 0.25) -> tuple[list[float]
     timelines = list(run.get("host_progress", {}).values())
     if not timelines or not any(timelines):
         return [], []
-    end = max(t for tl in timelines for t, _ in tl) if any(timelines) else 0.0
+    end = max(t for tl in timelines for t, _ in tl)
     xs = [i * step for i in range(int(end / step) + 2)]
     ys = []
     for x in xs:
@@ -222,13 +233,7 @@ def progress_chart(results: dict[str, Any], path: str) -> str | None:
     ax.set_ylabel("% of the release held, fleet average")
     ax.set_ylim(0, 102)
     ax.set_xlim(left=0)
-    ax.set_title(_title(results["scenario"]), fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(loc="lower right", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_chart(plt, fig, ax, path, _title(results["scenario"]), legend="lower right")
 
 
 def chart(results: dict[str, Any], path: str) -> str | None:
@@ -262,13 +267,7 @@ def chart(results: dict[str, Any], path: str) -> str | None:
     ax.set_ylim(0, sc["hosts"] + 0.5)
     ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlim(left=0)
-    ax.set_title(_title(sc), fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(loc="lower right", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_chart(plt, fig, ax, path, _title(sc), legend="lower right")
 
 
 def write(results: dict[str, Any], out: str) -> list[str]:

@@ -68,7 +68,7 @@ from dataclasses import dataclass
 from typing import Any, NoReturn
 
 from bench.common import argv_used, log
-from bench.report import fmt_num, pyplot, t_min
+from bench.report import fmt_num, pyplot, save_chart, t_min
 from bench.testbed import format_rate, parse_rate
 from roost import __version__ as roost_version
 from roost.runtime.cli import format_size, parse_size
@@ -533,17 +533,11 @@ def eta_chart(report: dict[str, Any], path: str) -> str | None:
     ax.set_xlabel("hosts")
     ax.set_ylabel("predicted η = T_min / T_last")
     ax.set_ylim(0, 1.05)
-    ax.set_title(
+    title = (
         f"{format_size(sc['size_bytes'])}, B = {sc['bandwidth']},"
-        f" B_origin = {sc['origin_bandwidth']}" + (f", {sc['racks']} racks" if sc["racks"] else ""),
-        fontsize=10,
+        f" B_origin = {sc['origin_bandwidth']}" + (f", {sc['racks']} racks" if sc["racks"] else "")
     )
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(loc="lower left", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_chart(plt, fig, ax, path, title, legend="lower left")
 
 
 def write(report: dict[str, Any], out: str) -> list[str]:
