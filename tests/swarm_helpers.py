@@ -102,6 +102,16 @@ def corrupt_copy(src: Path, dst: Path) -> None:
                 target.chmod(path.stat().st_mode & 0o777)
 
 
+def lying_pieces(src: Path, dst: Path, manifest: Manifest) -> Pieces:
+    """A seeder's view of a corrupt copy of ``src`` (made at ``dst``) that serves every
+    piece without checking it against the manifest: a peer that lies."""
+    corrupt_copy(src, dst)
+    pieces = Pieces(str(dst), manifest, complete=True)
+    assert pieces.checked is not None
+    pieces.checked[:] = b"\x01" * manifest.piece_count  # serve without checking
+    return pieces
+
+
 # -- processes ------------------------------------------------------------------------------
 
 

@@ -42,7 +42,7 @@ from swarm_helpers import (
     Swarm,
     WireClient,
     child_env,
-    corrupt_copy,
+    lying_pieces,
     make_release,
     wait_until,
 )
@@ -270,11 +270,7 @@ def test_a_peer_serving_corrupt_blocks_is_banned(
     # (With a relay plan they would ask only their planned sources; see the relay test.)
     swarm.start_tracker(expected_peers=3, relay=False)
     swarm.start_seeder()
-    bad_tree = tmp_path / "corrupt"
-    corrupt_copy(release_16, bad_tree)
-    liar_pieces = Pieces(str(bad_tree), manifest, complete=True)
-    assert liar_pieces.checked is not None
-    liar_pieces.checked[:] = b"\x01" * manifest.piece_count  # serve without checking
+    liar_pieces = lying_pieces(release_16, tmp_path / "corrupt", manifest)
     liar = swarm.start_engine(
         liar_pieces, EngineConfig(secret=swarm.secret, linger=600.0, stall_timeout=600.0)
     )
@@ -307,14 +303,11 @@ def test_a_peer_that_banned_a_liar_still_accepts_honest_peers(tmp_path: Path) ->
     src = make_release(tmp_path / "src", big=[64 * 1024], small=10, small_max=4096, seed=5)
     manifest = pack(str(src))
     assert manifest.piece_count == 1
-    corrupt_copy(src, tmp_path / "corrupt")
     secret = os.urandom(32)
     store = Store.open(str(tmp_path / "dest"), create=True)
 
     async def scenario() -> None:
-        liar_pieces = Pieces(str(tmp_path / "corrupt"), manifest, complete=True)
-        assert liar_pieces.checked is not None
-        liar_pieces.checked[:] = b"\x01" * manifest.piece_count
+        liar_pieces = lying_pieces(src, tmp_path / "corrupt", manifest)
         liar = Engine(manifest, liar_pieces, EngineConfig(secret=secret, linger=600.0))
         liar_run = asyncio.ensure_future(liar.run())
         while not liar.port:
@@ -508,11 +501,7 @@ def test_a_lying_relay_source_is_banned_and_its_stripe_fetched_elsewhere(
     manifest = swarm.release(release_16)
     tracker = swarm.start_tracker(expected_peers=4)
     swarm.start_seeder()
-    bad_tree = tmp_path / "corrupt"
-    corrupt_copy(release_16, bad_tree)
-    liar_pieces = Pieces(str(bad_tree), manifest, complete=True)
-    assert liar_pieces.checked is not None
-    liar_pieces.checked[:] = b"\x01" * manifest.piece_count  # serve without checking
+    liar_pieces = lying_pieces(release_16, tmp_path / "corrupt", manifest)
     liar = swarm.start_engine(
         liar_pieces,
         EngineConfig(secret=swarm.secret, tracker=tracker.url, linger=600.0, stall_timeout=600.0),
