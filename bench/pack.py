@@ -46,7 +46,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from bench.common import argv_used, log
+from bench.common import argv_used, cpu_seconds, log
 from roost import __version__ as roost_version
 from roost.runtime.cli import format_size, parse_size
 
@@ -411,12 +411,10 @@ def run_child(cmd: list[str]) -> Run:
 def machine_busy_seconds() -> float:
     """CPU seconds all processes have used so far (Linux /proc/stat), or 0 if unknown."""
     try:
-        with open("/proc/stat") as f:
-            fields = [int(v) for v in f.readline().split()[1:]]
+        v = cpu_seconds()
     except (OSError, ValueError):
         return 0.0
-    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
-    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+    return sum(v) - v[3] - v[4]  # all but idle and iowait
 
 
 def check_pack_output(tree: Tree, run: Run) -> None:

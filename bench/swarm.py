@@ -52,7 +52,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from bench.common import argv_used, log
+from bench.common import argv_used, cpu_seconds, log
 from bench.pack import large_tree, machine_info, warm_cache
 from roost import __version__ as roost_version
 from roost.runtime.cli import format_size, parse_size
@@ -395,18 +395,10 @@ class Child:
 def machine_cpu() -> dict[str, float]:
     """CPU seconds the machine has used so far, by kind (Linux /proc/stat), or zeros."""
     try:
-        with open("/proc/stat") as f:
-            v = [int(x) for x in f.readline().split()[1:9]]
+        v = cpu_seconds()
     except (OSError, ValueError):
-        v = []
-    v += [0] * (8 - len(v))
-    tick = os.sysconf("SC_CLK_TCK")
-    return {
-        "user": (v[0] + v[1]) / tick,
-        "system": v[2] / tick,
-        "irq": (v[5] + v[6]) / tick,
-        "steal": v[7] / tick,
-    }
+        v = [0.0] * 8
+    return {"user": v[0] + v[1], "system": v[2], "irq": v[5] + v[6], "steal": v[7]}
 
 
 def wait_quiet(timeout: float) -> None:

@@ -46,6 +46,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from bench import netns as _netns
+from bench.common import cpu_seconds
 from bench.netns import NetnsError, tool
 from bench.netns import alive as _alive
 
@@ -401,12 +402,9 @@ class Testbed:
 
 
 def cpu_times() -> tuple[float, float]:
-    """(idle, total) jiffies of the whole machine, from /proc/stat."""
-    with open("/proc/stat") as f:
-        fields = [float(x) for x in f.readline().split()[1:]]
-    # user nice system idle iowait irq softirq steal (guest is already in user)
-    idle = fields[3] + (fields[4] if len(fields) > 4 else 0.0)
-    return idle, sum(fields[:8])
+    """(idle, total) CPU seconds of the whole machine (idle includes iowait)."""
+    v = cpu_seconds()
+    return v[3] + v[4], sum(v)
 
 
 class CpuSampler:
