@@ -271,6 +271,8 @@ class Engine:
         self.stripes = 1
         self.sources: dict[int, bytes] = {}
         self.failed_sources: set[int] = set()  # stripes fetched as in a plain swarm instead
+        self.swarm_stripes: picker.Stripes = None  # see _update_stripes
+        self._relayed_by: dict[bytes, frozenset[int]] = {}  # source -> its stripes for us
         self._plan_at = self.clock()
         self._parked: dict[int, list[tuple[Neighbour, _Upload]]] = {}  # asked before we had it
         self._haves: list[int] = []  # pieces verified since the last Have batch
@@ -722,10 +724,7 @@ class Engine:
             self._on_block(neighbour, event)
         elif isinstance(event, wire.Have):
             self._mark_has(neighbour, [event.piece])
-            # While every stripe comes from its relay source, a Have from anyone else
-            # changes nothing we would ask for.
-            swarm = self._swarm_stripes()
-            if swarm is None or swarm[1] or self._relay_stripes(neighbour):
+            if self._worth_asking(event.piece):
                 self._refill(neighbour)
         elif isinstance(event, wire.Bitfield):
             self._mark_has(neighbour, event.pieces())
@@ -768,6 +767,21 @@ class Engine:
             return True
         neighbour.refused.add(index)
         return False
+
+    def _worth_asking(self, index: int) -> bool:
+        """Whether a neighbour's new piece may change what we ask it for: most Haves
+        name pieces we hold, have asked for, or get from a relay source (asked for
+        ahead, whatever the source announces), and refilling on those costs a pick
+        over every missing piece for nothing."""
+        return (
+            self.missing[index]
+            and self.requested[index] < picker.ENDGAME_MAX_DUPLICATES
+            and (not self.requested[index] or self._in_endgame())
+            and picker.stripe_allowed(index, self.swarm_stripes)
+        )
+
+    def _in_endgame(self) -> bool:
+        return picker.in_endgame(self.missing.count(1), len(self.neighbours))
 
     def _mark_has(self, neighbour: Neighbour, indexes: Iterable[int]) -> None:
         for index in indexes:
@@ -842,6 +856,10 @@ class Engine:
         if not self.missing[index]:
             return  # an endgame duplicate that lost the race
         self.missing[index] = 0
+        if self.swarm_stripes is not None and not self.missing[
+            index % self.stripes :: self.stripes
+        ].count(1):
+            self._update_stripes()  # a stripe is complete: the others may catch up
         await self._blocking(len(data), self.pieces.store, index, data)
         self.pieces.have[index] = 1
         view = memoryview(data)
@@ -867,7 +885,7 @@ class Engine:
         self._haves.append(index)
         if self.pieces.complete and not self._finishing:
             await self._finish()
-        elif picker.in_endgame(self.missing.count(1), len(self.neighbours)):
+        elif self._in_endgame():
             self._refill_all()  # idle neighbours may now race for the last pieces
         if self.on_progress is not None:
             self.on_progress(self)
@@ -923,7 +941,7 @@ class Engine:
         if relay:
             stripes = (self.stripes, relay)
             chosen = picker.pick_relay(self.missing, self.requested, stripes, count)
-        swarm = self._swarm_stripes()
+        swarm = self.swarm_stripes
         if len(chosen) < count and (swarm is None or swarm[1]):
             chosen += picker.pick_pieces(
                 self.missing,
@@ -934,7 +952,7 @@ class Engine:
                 self.rng,
                 swarm,
             )
-        if not chosen and picker.in_endgame(self.missing.count(1), len(self.neighbours)):
+        if not chosen and self._in_endgame():
             chosen = picker.pick_endgame(
                 self.missing,
                 neighbour.has,
@@ -978,7 +996,8 @@ class Engine:
         }
         self.stripes, self.sources, self.failed_sources = stripes, plan, kept
         self._plan_at = self.clock()
-        swarm = self._swarm_stripes()
+        self._update_stripes()
+        swarm = self.swarm_stripes
         for neighbour in list(self.neighbours.values()):
             relay = self._relay_stripes(neighbour)
             for index in list(neighbour.downloads):
@@ -989,30 +1008,37 @@ class Engine:
 
     def _relay_stripes(self, neighbour: Neighbour) -> frozenset[int]:
         """The stripes this neighbour relays to us (none without a plan)."""
-        return frozenset(
-            s
-            for s, peer in self.sources.items()
-            if peer == neighbour.peer_id and s not in self.failed_sources
-        )
+        return self._relayed_by.get(neighbour.peer_id, frozenset())
 
-    def _swarm_stripes(self) -> picker.Stripes:
-        """The stripes also fetched from whoever holds them: all without a plan, else
-        the stripes whose relay source failed, and all once one stripe is complete.
+    def _update_stripes(self) -> None:
+        """Set who serves which stripes, as every Have and refill consults it; the few
+        events that change it (a plan, a failed source, a completed stripe) call this.
+
+        ``_relayed_by``: each live relay source's stripes. ``swarm_stripes``: the
+        stripes also fetched from whoever holds them: all without a plan, else the
+        stripes whose relay source failed, and all once one stripe is complete.
 
         A complete stripe frees its share of our download, and a stripe still
         coming is then behind the others (its source lags, say, on a busy host):
         its pieces may come from anyone who has them, so its subtree catches up
         instead of finishing last.
         """
+        relayed: dict[bytes, set[int]] = {}
+        for stripe, peer in self.sources.items():
+            if stripe not in self.failed_sources:
+                relayed.setdefault(peer, set()).add(stripe)
+        self._relayed_by = {peer: frozenset(stripes) for peer, stripes in relayed.items()}
         k = self.stripes
         if not self.sources or any(not self.missing[s::k].count(1) for s in range(k)):
-            return None
-        return (k, frozenset(self.failed_sources))
+            self.swarm_stripes = None
+        else:
+            self.swarm_stripes = (k, frozenset(self.failed_sources))
 
     def _fail_source(self, stripe: int, reason: str) -> None:
         if stripe in self.failed_sources or stripe not in self.sources:
             return
         self.failed_sources.add(stripe)
+        self._update_stripes()
         log.warning(
             "relay source of stripe %d given up (%s): fetching it from the swarm", stripe, reason
         )

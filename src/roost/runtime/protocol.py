@@ -570,6 +570,10 @@ class State(enum.Enum):
     CLOSED = "CLOSED"
     ERROR = "ERROR"
 
+    # Members are singletons, so identity hashes them; Enum's own __hash__ is Python
+    # code, and the machine looks a state up for every message.
+    __hash__ = object.__hash__
+
 
 IDLE, HELLO, AUTH, ACTIVE, CLOSED, ERROR = State
 
@@ -614,8 +618,9 @@ class _Machine:
         return new_state
 
     def apply(self, side: int, new_state: State) -> None:
-        self.states[side] = new_state
-        self.reached[side].add(new_state)
+        if new_state is not self.states[side]:
+            self.states[side] = new_state
+            self.reached[side].add(new_state)
 
     def fail(self, side: int) -> None:
         self.apply(side, ERROR)
