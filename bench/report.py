@@ -76,6 +76,7 @@ def summarize(runs: list[dict[str, Any]], size: int, limit: float, racks: int) -
             **f,
             "host_times": r["host_times"],
             "host_progress": r.get("host_progress", {}),
+            "origin_upload": r.get("origin_upload", []),
             "problems": r["problems"],
             "wall_s": r["wall_s"],
         }

@@ -448,6 +448,53 @@ class CpuSampler:
         }
 
 
+def netns_tx_bytes(pid: int, dev: str) -> int | None:
+    """Bytes ``dev`` has sent, in the network namespace of process ``pid`` (None once it
+    is gone). Read from ``/proc/<pid>/net/dev``: cheap enough to sample many times a second."""
+    try:
+        with open(f"/proc/{pid}/net/dev") as f:
+            for line in f:
+                name, sep, fields = line.partition(":")
+                if sep and name.strip() == dev:
+                    return int(fields.split()[8])
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+class UploadSampler:
+    """How many bytes one node has uploaded over time: (seconds since start, bytes) every
+    ``interval``, read from a process inside its namespace. Shows where an uploader idles."""
+
+    def __init__(self, pid: int, dev: str = "eth0", interval: float = 0.25) -> None:
+        self.pid = pid
+        self.dev = dev
+        self.interval = interval
+        self.samples: list[tuple[float, int]] = []
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self, t0: float) -> UploadSampler:
+        first = netns_tx_bytes(self.pid, self.dev)
+
+        def loop() -> None:
+            while first is not None and not self._stop.wait(self.interval):
+                now = netns_tx_bytes(self.pid, self.dev)
+                if now is None:
+                    return
+                self.samples.append((round(time.time() - t0, 3), now - first))
+
+        self._thread = threading.Thread(target=loop, name="upload-sampler", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> list[tuple[float, int]]:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        return self.samples
+
+
 # ---------------------------------------------------------------------------
 # the self-check
 

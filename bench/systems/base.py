@@ -34,7 +34,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from bench.testbed import CpuSampler, Node, Testbed, kill_netns_processes
+from bench.testbed import CpuSampler, Node, Testbed, UploadSampler, kill_netns_processes
 from roost.runtime.manifest import Manifest, load_manifest
 from roost.runtime.pack import pack
 from roost.runtime.tree import verify_tree
@@ -380,6 +380,7 @@ class Run:
             before = tb.counters()
             sampler.start()
             self.t0 = time.time()
+            uploads = UploadSampler(self.origin_procs[0].pid).start(self.t0)
             for state in self.hosts.values():
                 argv = tb.exec_argv(state.node, self.system.host_argv(self, state.node))
                 state.proc = Proc(
@@ -411,6 +412,7 @@ class Run:
             after = tb.counters()
             wall = time.time() - self.t0
             cpu = sampler.stop()
+            origin_upload = uploads.stop()
         finally:
             if sampler._thread is not None and not sampler._stop.is_set():
                 sampler.stop()
@@ -429,6 +431,7 @@ class Run:
             "index": self.index,
             "host_times": times,
             "host_progress": {n: s.timeline for n, s in self.hosts.items()},
+            "origin_upload": origin_upload,
             "wall_s": wall,
             "timed_out": timed_out,
             "counters_before": before,
