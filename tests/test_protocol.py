@@ -149,7 +149,7 @@ def test_full_session_handshake_bitfield_request_block() -> None:
 
     assert pair.send(a, Block(10, 0, b"z" * 100)) == [Block(10, 0, b"z" * 100)]
     assert pair.send(a, Reject(0, 0, 512)) == [Reject(0, 0, 512)]
-    assert pair.send(b, Have(10)) == [Have(10)]
+    assert pair.send(b, Have((10,))) == [Have((10,))]
     assert pair.send(a, KeepAlive()) == [KeepAlive()]
     assert not a.their_requests and not b.our_requests
     assert b.block_bytes_received == 100 and a.block_bytes_sent == 100
@@ -319,7 +319,7 @@ def test_goodbye_is_accepted_before_authentication() -> None:
     "message",
     [
         Bitfield(bytes(2)),
-        Have(0),
+        Have((0,)),
         Request(0, 0, 1),
         Block(0, 0, b"x"),
         KeepAlive(),
@@ -343,7 +343,7 @@ def test_first_message_after_auth_must_be_the_bitfield() -> None:
     pair.deliver(pair.a, pair.b.initiate())
     pair.deliver(pair.b, pair.a.send_auth())
     pair.deliver(pair.a, pair.b.send_auth())
-    pair.a.receive_data(encode_message(Have(1)))
+    pair.a.receive_data(encode_message(Have((1,))))
     with pytest.raises(ProtocolError, match="before the Bitfield"):
         pair.a.next_event()
 
@@ -384,7 +384,7 @@ def test_bitfield_helpers() -> None:
 
 def test_frames_after_goodbye() -> None:
     pair = active_pair()
-    pair.a.receive_data(encode_message(Goodbye("bye")) + encode_message(Have(1)))
+    pair.a.receive_data(encode_message(Goodbye("bye")) + encode_message(Have((1,))))
     assert pair.a.next_event() == Goodbye("bye")
     with pytest.raises(ProtocolError, match="after Goodbye"):
         pair.a.next_event()
@@ -395,9 +395,37 @@ def test_frames_after_goodbye() -> None:
 
 def test_have_out_of_range() -> None:
     pair = active_pair()
-    pair.a.receive_data(encode_message(Have(PIECE_COUNT)))
+    pair.a.receive_data(encode_message(Have((PIECE_COUNT,))))
     with pytest.raises(ProtocolError, match="piece 11 out of range"):
         pair.a.next_event()
+
+
+def test_one_have_names_many_pieces() -> None:
+    pair = active_pair()
+    assert pair.send(pair.b, Have((7, 0, 3))) == [Have((7, 0, 3))]
+    assert encode_message(Have((7, 0, 3)))[8:] == struct.pack(">III", 7, 0, 3)
+
+
+@pytest.mark.parametrize(
+    ("payload", "reason"),
+    [
+        (b"", "Have frame of 0 bytes"),
+        (struct.pack(">I", 1) + b"\x00", "multiple of 4"),
+        (struct.pack(">II", 2, 2), "names a piece twice"),
+        (struct.pack(f">{PIECE_COUNT + 1}I", *range(PIECE_COUNT + 1)), "Have frame of 48 bytes"),
+    ],
+)
+def test_bad_have_is_refused(payload: bytes, reason: str) -> None:
+    pair = active_pair()
+    pair.a.receive_data(frame(Have.TYPE, payload))
+    with pytest.raises(ProtocolError, match=reason):
+        pair.a.next_event()
+
+
+def test_have_needs_a_piece_to_be_sent() -> None:
+    pair = active_pair()
+    with pytest.raises(LocalProtocolError, match="cannot encode"):
+        pair.a.send(Have(()))
 
 
 @pytest.mark.parametrize(
@@ -457,7 +485,11 @@ def test_oversized_frame_is_refused_from_its_header_alone() -> None:
     ("data", "reason"),
     [
         (b"GET / HTTP/1.1\r\n", "bad magic b'GE'"),
-        (frame(Hello.TYPE, bytes(80), version=2), "unsupported protocol version 2"),
+        (
+            frame(Hello.TYPE, bytes(80), version=VERSION + 1),
+            f"unsupported protocol version {VERSION + 1}",
+        ),
+        (frame(Hello.TYPE, bytes(80), version=1), "unsupported protocol version 1"),
         (frame(0), "unknown message type 0"),
         (frame(42), "unknown message type 42"),
         (frame(Hello.TYPE, bytes(79)), "Hello frame of 79 bytes"),
@@ -521,7 +553,7 @@ def _stream_and_receiver() -> tuple[bytes, PeerConnection]:
     for request in (Request(0, 0, 1024), Request(10, 0, 100), Request(2, 0, 7)):
         pair.send(pair.b, request)
     a = pair.a
-    data = a.send(Have(3)) + a.send(Block(0, 0, bytes(range(256)) * 4)) + a.send(KeepAlive())
+    data = a.send(Have((3,))) + a.send(Block(0, 0, bytes(range(256)) * 4)) + a.send(KeepAlive())
     data += a.send(Request(4, 10, 20)) + a.send_block_header(10, 0, 100) + b"t" * 100
     a.payload_written(100)
     data += a.send(Reject(2, 0, 7)) + a.send(Cancel(4, 10, 20)) + a.send(Goodbye("all done"))
@@ -552,7 +584,7 @@ def test_decoder_whole_bytewise_and_with_trailing_data() -> None:
     assert events == expected
 
     _, trailing = _stream_and_receiver()
-    partial_next = encode_message(Have(5))[:5]
+    partial_next = encode_message(Have((5,)))[:5]
     trailing.receive_data(data + partial_next)
     assert drain(trailing) == expected
     assert trailing.next_event() is NEED_DATA
@@ -762,20 +794,20 @@ def test_local_misuse_raises_and_changes_nothing() -> None:
     with pytest.raises(LocalProtocolError, match="cannot encode"):
         pair.a.send(Goodbye("x" * (MAX_REASON_BYTES + 1)))
     with pytest.raises(LocalProtocolError, match="cannot encode"):
-        pair.a.send(Have(-1))
+        pair.a.send(Have((-1,)))
     with pytest.raises(LocalProtocolError, match="cannot encode"):
         pair.a.send(Goodbye(b"bytes"))  # type: ignore[arg-type]
-    assert pair.send(pair.a, Have(2)) == [Have(2)]  # still perfectly usable
+    assert pair.send(pair.a, Have((2,))) == [Have((2,))]  # still perfectly usable
 
 
 def test_after_a_protocol_error_only_goodbye_may_be_sent() -> None:
     pair = active_pair()
-    pair.a.receive_data(encode_message(Have(99)))
+    pair.a.receive_data(encode_message(Have((99,))))
     with pytest.raises(ProtocolError) as caught:
         pair.a.next_event()
     assert pair.a.failure == caught.value.reason
     with pytest.raises(LocalProtocolError, match="only a Goodbye"):
-        pair.a.send(Have(1))
+        pair.a.send(Have((1,)))
     bye = pair.a.send(Goodbye.truncated(caught.value.reason))
     assert pair.deliver(pair.b, bye) == [Goodbye(caught.value.reason)]
 
@@ -792,7 +824,7 @@ messages = st.one_of(
     ),
     st.builds(Auth, st.binary(min_size=32, max_size=32)),
     st.builds(Bitfield, st.binary(max_size=300)),
-    st.builds(Have, u32),
+    st.builds(Have, st.lists(u32, min_size=1, max_size=20).map(tuple)),
     st.builds(Request, u32, u32, u32),
     st.builds(Block, u32, u32, st.binary(min_size=1, max_size=3000)),
     st.builds(Cancel, u32, u32, u32),
@@ -814,7 +846,12 @@ def test_every_message_round_trips(message: object) -> None:
 
 
 exchange = st.one_of(
-    st.builds(Have, st.integers(0, PIECE_COUNT - 1)),
+    st.builds(
+        Have,
+        st.lists(
+            st.integers(0, PIECE_COUNT - 1), min_size=1, max_size=PIECE_COUNT, unique=True
+        ).map(tuple),
+    ),
     st.builds(KeepAlive),
     st.builds(
         lambda p, o, n: Request(p, o % 1000, n),

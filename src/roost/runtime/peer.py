@@ -723,8 +723,8 @@ class Engine:
         if isinstance(event, wire.Block):
             self._on_block(neighbour, event)
         elif isinstance(event, wire.Have):
-            self._mark_has(neighbour, [event.piece])
-            if self._worth_asking(event.piece):
+            self._mark_has(neighbour, event.pieces)
+            if any(self._worth_asking(i) for i in event.pieces):
                 self._refill(neighbour)
         elif isinstance(event, wire.Bitfield):
             self._mark_has(neighbour, event.pieces())
@@ -892,10 +892,9 @@ class Engine:
         self._progress.set()
 
     def _send_haves(self) -> None:
-        haves, self._haves = [wire.Have(i) for i in self._haves], []
+        have, self._haves = wire.Have(tuple(self._haves)), []
         for neighbour in list(self.neighbours.values()):
-            for have in haves:
-                neighbour.outbox.put_nowait(have)
+            neighbour.outbox.put_nowait(have)
 
     async def _finish(self) -> None:
         """Every piece is verified and written: publish the release (once)."""

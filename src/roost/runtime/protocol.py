@@ -69,7 +69,7 @@ __all__ = [
 ]
 
 MAGIC = b"RO"
-VERSION = 1
+VERSION = 2
 HEADER = struct.Struct(">2sBBI")  # magic, version, message type, payload length
 HEADER_SIZE = HEADER.size
 
@@ -88,7 +88,6 @@ PROOF_SIZE = 32
 AUTH_CONTEXT = b"roost-auth-v1"
 
 _U32_MAX = 0xFFFFFFFF
-_PIECE = struct.Struct(">I")
 _BLOCK_PREFIX = struct.Struct(">II")  # piece, offset (the data follows)
 _RANGE = struct.Struct(">III")  # piece, offset, length
 
@@ -239,19 +238,27 @@ class Bitfield(Message):
 
 @dataclass(frozen=True)
 class Have(Message):
-    """The sender has just verified and stored ``piece``."""
+    """The sender has just verified and stored ``pieces`` (at least one, each at most
+    once). A peer announces what it verified in the last moment in one frame: one
+    frame per piece and neighbour was most of the swarm's messages."""
 
-    piece: int
+    pieces: tuple[int, ...]
 
     TYPE: ClassVar[int] = 4
-    SIZES: ClassVar[tuple[int, int]] = (4, 4)
+    SIZES: ClassVar[tuple[int, int]] = (4, _U32_MAX)  # the connection bounds the count
 
     def _payload(self) -> bytes:
-        return _PIECE.pack(_u32("piece", self.piece))
+        if not isinstance(self.pieces, tuple) or not self.pieces:
+            raise ValueError("Have needs a non-empty tuple of pieces")
+        for piece in self.pieces:
+            _u32("piece", piece)
+        return struct.pack(f">{len(self.pieces)}I", *self.pieces)
 
     @classmethod
     def _decode(cls, payload: bytes) -> Have:
-        return cls(*_PIECE.unpack(payload))
+        if len(payload) % 4:
+            raise _Violation(f"Have frame of {len(payload)} bytes (must be a multiple of 4)")
+        return cls(struct.unpack(f">{len(payload) // 4}I", payload))
 
 
 @dataclass(frozen=True)
@@ -995,6 +1002,8 @@ class PeerConnection:
         low, high = cls.SIZES
         if cls is Bitfield:
             low = high = self._bitfield_size
+        elif cls is Have:
+            high = 4 * self.piece_count
         _check_size(cls, length, low, high)
         self._machine.check(_THEIRS, cls)
         del self._buf[:HEADER_SIZE]
@@ -1100,7 +1109,10 @@ class PeerConnection:
         return bitfield
 
     def _on_have(self, side: int, have: Have) -> Message | None:
-        self._check_piece(have.piece)
+        for piece in have.pieces:
+            self._check_piece(piece)
+        if len(set(have.pieces)) != len(have.pieces):
+            raise _Violation("Have names a piece twice")
         return have
 
     def _on_request(self, side: int, request: Request) -> Message | None:
