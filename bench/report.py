@@ -222,16 +222,21 @@ def progress_chart(results: dict[str, Any], path: str) -> str | None:
         return None
     fig, ax = plt.subplots(figsize=(8, 4.5), dpi=120)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    size = results["scenario"]["size_bytes"]
     for i, (name, s) in enumerate(results["systems"].items()):
         for k, run in enumerate(s["runs"]):
             xs, ys = fleet_progress(run)
             if xs:
                 ax.plot(xs, [100 * y for y in ys], color=colors[i % len(colors)],
                         alpha=0.9 if k == 0 else 0.35, label=name if k == 0 else None)  # fmt: skip
+        sent = s["runs"][0].get("origin_upload") if s["runs"] else None
+        if sent:  # how far the fleet lags what the origin has already sent
+            ax.plot([t for t, _ in sent], [min(100.0, 100 * b / size) for _, b in sent],
+                    color=colors[i % len(colors)], linestyle=":", linewidth=1)  # fmt: skip
     limit = results["testbed"]["t_min"]
     ax.plot([0, limit], [0, 100], color="black", linestyle="--", linewidth=1, label="limit")
     ax.set_xlabel("seconds since launch")
-    ax.set_ylabel("% of the release held, fleet average")
+    ax.set_ylabel("% of the release held, fleet average\n(dotted: sent by the origin, run 1)")
     ax.set_ylim(0, 102)
     ax.set_xlim(left=0)
     return save_chart(plt, fig, ax, path, _title(results["scenario"]), legend="lower right")
