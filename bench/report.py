@@ -230,7 +230,7 @@ def progress_chart(results: dict[str, Any], path: str) -> str | None:
                 ax.plot(xs, [100 * y for y in ys], color=colors[i % len(colors)],
                         alpha=0.9 if k == 0 else 0.35, label=name if k == 0 else None)  # fmt: skip
         sent = s["runs"][0].get("origin_upload") if s["runs"] else None
-        if sent:  # how far the fleet lags what the origin has already sent
+        if sent and sent[-1][1] <= 1.2 * size:  # one copy: how far the fleet lags it
             ax.plot([t for t, _ in sent], [min(100.0, 100 * b / size) for _, b in sent],
                     color=colors[i % len(colors)], linestyle=":", linewidth=1)  # fmt: skip
     limit = results["testbed"]["t_min"]
@@ -238,7 +238,7 @@ def progress_chart(results: dict[str, Any], path: str) -> str | None:
     ax.set_xlabel("seconds since launch")
     ax.set_ylabel("% of the release held, fleet average\n(dotted: sent by the origin, run 1)")
     ax.set_ylim(0, 102)
-    ax.set_xlim(left=0)
+    ax.set_xlim(0, 3 * limit)  # a system slower than that shows its start only
     return save_chart(plt, fig, ax, path, _title(results["scenario"]), legend="lower right")
 
 
