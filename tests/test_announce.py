@@ -145,15 +145,22 @@ def test_response_round_trips_and_rejects_nonsense() -> None:
     response = AnnounceResponse((neighbour,), 5, False, {"peers": 2, "complete": 0})
     assert parse_response(response.to_bytes()) == response
     planned = AnnounceResponse(
-        (neighbour,), 1, False, {}, sources=("b2" * 16, "b2" * 16), retry_after=0.25
+        (neighbour,), 1, False, {}, sources=("b2" * 16, "b2" * 16), stripes=2, retry_after=0.25
     )
     assert parse_response(planned.to_bytes()) == planned
+    origin = AnnounceResponse((neighbour,), 1, False, {}, stripes=4)  # told a plan exists
+    assert parse_response(origin.to_bytes()).stripes == 4
+    assert parse_response(response.to_bytes()).stripes == 0
     good = response.to_json()
     for bad in (
         {**good, "interval": 0},
         {**good, "sources": "b2" * 16},
         {**good, "sources": ["x"]},
-        {**good, "sources": ["b2" * 16] * 17},
+        {**good, "sources": ["b2" * 16] * 17, "stripes": 17},
+        {**good, "sources": ["b2" * 16] * 2, "stripes": 3},
+        {**good, "sources": ["b2" * 16]},
+        {**good, "stripes": -1},
+        {**good, "stripes": 1.5},
         {**good, "retry_after": 0},
         {**good, "retry_after": "soon"},
         {**good, "peers": {}},

@@ -8,6 +8,7 @@ from collections import Counter
 from hypothesis import given
 from hypothesis import strategies as st
 
+from roost.runtime import picker
 from roost.runtime.picker import (
     ENDGAME_MAX_DUPLICATES,
     origin_should_serve,
@@ -229,3 +230,25 @@ def test_stripe_filters_only_ever_narrow_the_choice(rows, k, allowed) -> None:
     assert relay == sorted(relay)
     assert all(missing[i] and not requested[i] and i % k in stripes[1] for i in relay)
     assert stripe_allowed(3, None) and not stripe_allowed(3, (2, frozenset({0})))
+
+
+def test_an_origin_under_a_plan_sends_in_piece_order_within_its_lead() -> None:
+    now = 100.0
+    heads = [(40, now), (44, now), (70, now)]
+    assert picker.origin_may_send(40, heads, now, lead=16)  # the lowest always may go
+    assert picker.origin_may_send(44, heads, now, lead=16)
+    assert not picker.origin_may_send(70, heads, now, lead=16)  # stripe too far ahead
+    assert picker.origin_may_send(70, [(70, now)], now, lead=16)  # alone: no one to wait for
+
+
+def test_a_stuck_upload_does_not_hold_the_origin_back() -> None:
+    now = 100.0
+    stuck = (3, now - picker.ORIGIN_STALL - 0.1)  # a frozen child's head upload
+    assert not picker.origin_may_send(70, [stuck, (70, now)], now - 1.0, lead=16)
+    assert picker.origin_may_send(70, [stuck, (70, now)], now, lead=16)
+
+
+@given(st.lists(st.integers(0, 500), min_size=1, max_size=20), st.integers(1, 32))
+def test_some_waiting_upload_may_always_go(pieces: list[int], lead: int) -> None:
+    heads = [(p, 0.0) for p in pieces]
+    assert any(picker.origin_may_send(p, heads, 0.0, lead=lead) for p in pieces)

@@ -551,12 +551,15 @@ def test_the_tracker_gathers_the_expected_fleet_then_hands_out_a_relay_plan(
         last = await ok(t, s, request(4, clock, event="started"))
         assert "retry_after" not in last
         # Three receivers: a pipelined chain origin -> 2 -> 3 -> 4 (join order).
-        plans = {n: (await ok(t, s, request(n, clock)))["sources"] for n in (2, 3, 4)}
+        answers = {n: await ok(t, s, request(n, clock)) for n in (2, 3, 4)}
+        plans = {n: answer["sources"] for n, answer in answers.items()}
         assert plans == {2: [pid(1)], 3: [pid(2)], 4: [pid(3)]}
+        assert all(answer["stripes"] == 1 for answer in answers.values())
         for n, sources in plans.items():  # a peer's sources are among its neighbours
             assert set(sources) <= ids(await ok(t, s, request(n, clock)))
         origin = await ok(t, s, request(1, clock, have=10, seeder=True))
         assert pid(2) in ids(origin)  # the origin is told about its relay child
+        assert origin["stripes"] == 1 and "sources" not in origin  # and that there is a plan
 
     tracker_test(body, tmp_path / "t.db")
 
@@ -585,6 +588,7 @@ def test_a_tracker_without_relay_plans_hands_out_no_sources(tmp_path: Path) -> N
         await ok(t, s, request(1, clock, have=10, seeder=True))
         answer = await ok(t, s, request(2, clock))
         assert "sources" not in answer and "retry_after" not in answer
+        assert "stripes" not in answer
         assert pid(1) in ids(answer)
 
     tracker_test(body, tmp_path / "t.db", config=TrackerConfig(relay=None))

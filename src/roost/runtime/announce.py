@@ -330,6 +330,8 @@ class Neighbour:
 class AnnounceResponse:
     """The tracker's answer: neighbours, when to announce next, whether the swarm is done,
     and (``sources``) the peer to fetch each stripe from, when the tracker plans relays.
+    ``stripes`` is the plan's stripe count, told to every peer while there is a plan
+    (0: none); seeders, which fetch nothing, learn from it to send in piece order.
     ``retry_after`` (seconds, fractional) asks for the next announce sooner than
     ``interval``: the tracker is still gathering the fleet before planning."""
 
@@ -338,6 +340,7 @@ class AnnounceResponse:
     swarm_complete: bool
     stats: dict[str, int]
     sources: tuple[str, ...] = ()
+    stripes: int = 0
     retry_after: float | None = None
 
     def to_json(self) -> dict[str, Any]:
@@ -349,6 +352,8 @@ class AnnounceResponse:
         }
         if self.sources:
             obj["sources"] = list(self.sources)
+        if self.stripes:
+            obj["stripes"] = self.stripes
         if self.retry_after is not None:
             obj["retry_after"] = self.retry_after
         return obj
@@ -371,12 +376,16 @@ def parse_response(body: bytes) -> AnnounceResponse:
     sources = obj.get("sources", [])
     if not isinstance(sources, list) or len(sources) > MAX_STRIPES:
         raise MalformedMessage(f"sources must be a list of at most {MAX_STRIPES} peer ids")
+    stripes = check_int(obj.get("stripes", 0), "stripes", 0, MAX_STRIPES)
+    if sources and len(sources) != stripes:
+        raise MalformedMessage(f"{len(sources)} sources for a plan of {stripes} stripes")
     return AnnounceResponse(
         peers=tuple(Neighbour.from_json(p) for p in peers),
         interval=check_int(_field(obj, "interval"), "interval", 1, MAX_INTERVAL),
         swarm_complete=check_bool(_field(obj, "swarm_complete"), "swarm_complete"),
         stats=stats,
         sources=tuple(check_peer_id(s) for s in sources),
+        stripes=stripes,
         retry_after=check_delay(obj["retry_after"]) if "retry_after" in obj else None,
     )
 

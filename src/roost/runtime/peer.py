@@ -213,6 +213,7 @@ class Neighbour:
         self.last_heard = engine.clock()
         self.last_data = engine.clock()  # block data last arrived (relay source health)
         self.low_water = 1  # the socket's SO_RCVLOWAT
+        self.sending: tuple[int, float] | None = None  # (piece, since) of our head upload
         self.relay_rejects: set[int] = set()  # pieces this relay source refused once
         self.closed = False
 
@@ -279,6 +280,8 @@ class Engine:
         # The tracker is still gathering the fleet (see announce ``retry_after``): ask
         # nobody for anything until it has planned, or the plan would start too late.
         self._gathering = False
+        self.ordered_uploads = False  # a seeder, told by the tracker that there is a plan
+        self._upload_done: asyncio.Event | None = None  # an upload ended (made in run())
         self._failure: BaseException | None = None
         self._finishing = False
         self.completed = pieces.complete
@@ -288,6 +291,7 @@ class Engine:
     async def run(self) -> Stats:
         """Exchange pieces until we hold the release (seeders: until stopped), then linger."""
         self._progress = asyncio.Event()
+        self._upload_done = asyncio.Event()
         listener = socket.create_server((self.config.listen_host, self.config.listen_port))
         listener.setblocking(False)
         self.port = listener.getsockname()[1]
@@ -417,6 +421,7 @@ class Engine:
             self._dial_known()
             gathering, self._gathering = self._gathering, response.retry_after is not None
             self._set_plan(response.sources)
+            self.ordered_uploads = self.config.seeder and response.stripes > 0
             if gathering and not self._gathering:
                 self._refill_all()  # the tracker has planned: start asking
             event = "update"
@@ -599,7 +604,14 @@ class Engine:
             item = await outbox.get()
             while True:
                 if isinstance(item, _Upload):
-                    await self._send_upload(neighbour, item)
+                    neighbour.sending = (item.piece, self.clock())
+                    try:
+                        await self._upload_turn(item.piece)
+                        await self._send_upload(neighbour, item)
+                    finally:
+                        neighbour.sending = None
+                        if self._upload_done is not None:
+                            self._upload_done.set()
                     item = await outbox.get()
                     continue
                 # Small messages queued together (Have, Request, Cancel...) leave in one
@@ -619,6 +631,17 @@ class Engine:
         except (OSError, wire.ProtocolError, wire.LocalProtocolError) as exc:
             log.info("sending to %s failed: %s", neighbour.address, exc)
             self._close(neighbour, "send failed")
+
+    async def _upload_turn(self, piece: int) -> None:
+        """A seeder under a relay plan sends in piece order (``picker.origin_may_send``)."""
+        while self.ordered_uploads:
+            heads = [n.sending for n in self.neighbours.values() if n.sending is not None]
+            if picker.origin_may_send(piece, heads, self.clock()):
+                return
+            assert self._upload_done is not None
+            self._upload_done.clear()
+            with contextlib.suppress(asyncio.TimeoutError):  # a head may stall meanwhile
+                await asyncio.wait_for(self._upload_done.wait(), picker.ORIGIN_STALL / 4)
 
     async def _send_upload(self, neighbour: Neighbour, upload: _Upload) -> None:
         key = _key(upload)

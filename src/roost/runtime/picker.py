@@ -16,7 +16,7 @@ others are cancelled.
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Optional
 
 # (k, allowed): only pieces i with i % k in allowed (relay stripes); None: every piece.
@@ -144,3 +144,31 @@ def origin_should_serve(uploads_of_piece: int, refused_this_requester: bool) -> 
     so nobody can stall on a refusal.
     """
     return uploads_of_piece == 0 or refused_this_requester
+
+
+# Under a relay plan, how many pieces past the lowest waiting one a seeder may send,
+# and after how many seconds a piece still not sent stops holding the others back.
+ORIGIN_LEAD = 16
+ORIGIN_STALL = 2.0
+
+
+def origin_may_send(
+    piece: int,
+    heads: Iterable[tuple[int, float]],
+    now: float,
+    lead: int = ORIGIN_LEAD,
+    stall: float = ORIGIN_STALL,
+) -> bool:
+    """Whether a seeder under a relay plan may send ``piece`` now. ``heads`` holds
+    (piece, since when) for the upload at the head of every neighbour's queue.
+
+    Each relay child asks the origin for its stripe in order, and TCP shares the
+    origin's link between them by chance: a stripe that falls behind stays
+    behind, and the whole fleet waits for it at the end. Sending in piece order,
+    no piece more than ``lead`` past the lowest one waiting, keeps the stripes
+    level. The lowest waiting piece may always go, so uploads never deadlock,
+    and a head stuck for ``stall`` seconds (a frozen child) is ignored, so it
+    cannot hold the fleet back.
+    """
+    live = [p for p, since in heads if now - since < stall]
+    return piece < min(live, default=piece) + lead

@@ -199,8 +199,10 @@ class Tracker:
         chosen = select_neighbours(
             record, live, self.rng, now=now, config=self.config.handout, plan=plan
         )
-        sources = plan.sources.get(record.peer, ()) if plan is not None else ()
-        return _response(swarm, live, chosen, complete, interval, sources)
+        if plan is None:
+            return _response(swarm, live, chosen, complete, interval)
+        sources = plan.sources.get(record.peer, ())
+        return _response(swarm, live, chosen, complete, interval, sources, plan.stripes)
 
     def _gathering(self, swarm: SwarmRecord, live: list[PeerRecord], now: float) -> bool:
         if self.config.relay is None:
@@ -303,6 +305,7 @@ def _response(
     complete: bool,
     interval: int,
     sources: tuple[str, ...] = (),
+    stripes: int = 0,
     retry_after: float | None = None,
 ) -> AnnounceResponse:
     return AnnounceResponse(
@@ -311,6 +314,7 @@ def _response(
         swarm_complete=complete,
         stats=_stats(swarm, live),
         sources=sources,
+        stripes=stripes,
         retry_after=retry_after,
     )
 
