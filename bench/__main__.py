@@ -29,7 +29,7 @@ from typing import Any
 
 from bench import report
 from bench.systems import SYSTEMS
-from bench.systems.base import Bench, Run, make_release
+from bench.systems.base import Bench, Run, compile_sources, make_release
 from bench.testbed import (
     PREFIX,
     Testbed,
@@ -285,6 +285,7 @@ def _bench(
         f"release: {len(m.files)} files, {format_size(m.total_size)}, {m.piece_count} pieces"
         f" of {format_size(m.piece_size)}"
     )
+    compile_sources()
     duration, warmup = (3.0, 1.0) if args.quick else (5.0, 1.0)
     check = self_check(testbed, duration=duration, warmup=warmup, say=screen.say)
     if not check["passed"]:
