@@ -163,6 +163,32 @@ def test_a_peer_killed_mid_transfer_leaves_no_partial_release(
     assert_installed(again, manifest, release_16)
 
 
+def test_a_frozen_relay_peer_does_not_hold_back_the_others(swarm: Swarm, release_16: Path) -> None:
+    """The first peer to join heads the relay chain. Frozen (SIGSTOP) mid-transfer, it
+    neither answers nor closes: its child gives it up as a source after a few seconds
+    without data and fetches that stripe from the swarm, and the others complete
+    without it. (Here the socket buffers swallow what the origin still owed the
+    frozen peer; the origin's rule for an upload stuck in a full connection is
+    tested in test_picker.)"""
+    manifest = swarm.release(release_16)
+    tracker = swarm.start_tracker(expected_peers=4)
+    swarm.start_seeder("--upload-rate", "4M")  # everyone is mid-transfer at the freeze
+    head = swarm.fetch(name="head")
+    wait_until(
+        lambda: len(fetch_status(tracker.url)["swarms"][0]["peers"]) == 2, "the head to join"
+    )
+    others = [swarm.fetch() for _ in range(3)]
+    wait_until(lambda: head.have >= 2, "the head of the chain to hold a few pieces")
+
+    head.kill(signal.SIGSTOP)
+
+    for peer in others:
+        swarm.finish(peer)
+        assert_installed(peer, manifest, release_16)
+    assert not head.completed
+    assert any("relay source of stripe 0 given up" in p.stderr() for p in others)
+
+
 def test_the_origin_can_die_once_a_peer_holds_a_full_copy(swarm: Swarm, release_16: Path) -> None:
     manifest = swarm.release(release_16)
     swarm.start_tracker(expected_peers=5)
