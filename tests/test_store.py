@@ -196,13 +196,13 @@ def test_piece_that_does_not_match_is_refused_and_staging_removed(store, release
     assert not os.path.lexists(store.current_link)
 
 
-def test_staging_removed_when_preparation_fails(store, releases, monkeypatch):
+def test_staging_removed_when_a_write_fails(store, releases, monkeypatch):
     src, manifest = releases["A"]
 
-    def no_space(fd: int, length: int) -> None:
+    def no_space(fd: int, data: bytes, offset: int) -> int:
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(store_module.os, "ftruncate", no_space)
+    monkeypatch.setattr(store_module.os, "pwrite", no_space)
     with pytest.raises(OSError):
         put(store, src, manifest, name="a", activate=True)
     monkeypatch.undo()
