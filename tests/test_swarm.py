@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 import signal
+import socket
 import stat
 import subprocess
 import sys
@@ -359,6 +360,48 @@ def test_a_peer_that_banned_a_liar_still_accepts_honest_peers(tmp_path: Path) ->
             for task in (download, liar_run):
                 task.cancel()
             await asyncio.gather(download, liar_run, return_exceptions=True)
+            staging.abandon()
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.skipif(
+    not hasattr(socket, "TCP_CONGESTION"), reason="choosing congestion control needs Linux"
+)
+def test_peer_connections_use_the_chosen_congestion_control_or_the_hosts(tmp_path: Path) -> None:
+    src = make_release(tmp_path / "src", big=[2 << 20], small=5, seed=6)
+    manifest = pack(str(src))
+    secret = os.urandom(32)
+    store = Store.open(str(tmp_path / "dest"), create=True)
+
+    async def scenario() -> None:
+        seeder_config = EngineConfig(secret=secret, linger=600.0, seeder=True, congestion="reno")
+        seeder = Engine(manifest, Pieces(str(src), manifest, complete=True), seeder_config)
+        seeder_run = asyncio.ensure_future(seeder.run())
+        await _until(lambda: seeder.port != 0)
+        staging = store.stage(manifest)
+        pieces = Pieces(staging.root, manifest, complete=False, write=staging.write_verified_piece)
+        config = EngineConfig(
+            secret=secret,
+            peers=[("127.0.0.1", seeder.port)],
+            linger=0.0,
+            download_rate=1 << 20,  # ~2 s: long enough to look at the connection
+            congestion="no-such-algorithm",
+        )
+        downloader = Engine(manifest, pieces, config)
+        download = asyncio.ensure_future(downloader.run())
+        try:
+            await asyncio.wait_for(_until(lambda: bool(seeder.neighbours)), 60)
+            (neighbour,) = seeder.neighbours.values()
+            name = neighbour.sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, 16)
+            assert name.rstrip(b"\0") == b"reno"
+            stats = await asyncio.wait_for(download, 60)  # an unknown name is no failure
+            assert stats.completed is not None and config.congestion is None
+            staging.finish()
+        finally:
+            for task in (download, seeder_run):
+                task.cancel()
+            await asyncio.gather(download, seeder_run, return_exceptions=True)
             staging.abandon()
 
     asyncio.run(scenario())

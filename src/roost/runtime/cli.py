@@ -160,6 +160,13 @@ def add_swarm_options(p: argparse.ArgumentParser) -> None:
     add_lifetime_options(p)
     p.add_argument("--upload-rate", type=parse_size, metavar="BYTES/S", help="upload limit")
     p.add_argument("--download-rate", type=parse_size, metavar="BYTES/S", help="download limit")
+    p.add_argument(
+        "--congestion",
+        default=DEFAULT_CONGESTION,
+        metavar="NAME",
+        help=f"TCP congestion control for peer connections (default {DEFAULT_CONGESTION};"
+        " 'system': the host's default)",
+    )
 
 
 def add_lifetime_options(p: argparse.ArgumentParser, who: str = "keep") -> None:
@@ -203,6 +210,7 @@ def engine_config(args: argparse.Namespace, secret: bytes | None = None) -> Engi
         stall_timeout=args.stall_timeout,
         upload_rate=args.upload_rate,
         download_rate=args.download_rate,
+        congestion=None if args.congestion == "system" else args.congestion,
         peers=list(args.peer),
     )
 
@@ -397,6 +405,11 @@ def report_activation(store: Store, activated: str | None, pruned: list[str]) ->
 
 # -- helpers ------------------------------------------------------------------------------
 
+# Peers' TCP congestion control. Each host sends several streams through one link
+# kept busy from start to finish; BBR (v1) probes past such a shallow-buffered
+# bottleneck and loses more segments than CUBIC, and a host with no spare upload
+# pays every retransmission in delay (docs/scheduling.md has the measurements).
+DEFAULT_CONGESTION = "cubic"
 _SIZE = re.compile(r"(\d+)\s*([kmgt]?)(i?b)?", re.IGNORECASE)
 
 

@@ -60,6 +60,7 @@ HAVE_DELAY = 0.2
 LOW_WATER_CAP = 64 << 10
 _SO_RCVLOWAT = getattr(socket, "SO_RCVLOWAT", None) if sys.platform == "linux" else None
 _MSG_MORE = getattr(socket, "MSG_MORE", 0)
+_TCP_CONGESTION = getattr(socket, "TCP_CONGESTION", None)
 # Received pieces waiting to be verified and written may hold this much memory before
 # no new requests go out: a peer's memory stays bounded whatever the release size.
 PENDING_LIMIT = 16 << 20
@@ -82,6 +83,7 @@ class EngineConfig:
     in_flight_bytes: int = 4 << 20
     upload_rate: float | None = None
     download_rate: float | None = None
+    congestion: str | None = None  # TCP congestion control of peer connections; None: the host's
     peers: list[tuple[str, int]] = field(default_factory=list)
 
 
@@ -504,6 +506,8 @@ class Engine:
     ) -> bool:
         """Handshake, then run one connection until it closes; did it move any block data?"""
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if self.config.congestion is not None:
+            self._set_congestion(sock, self.config.congestion)
         conn = wire.PeerConnection.for_manifest(
             self.manifest, role=role, peer_id=self.config.peer_id, secret=self.config.secret
         )
@@ -546,6 +550,14 @@ class Engine:
                 # given that fd number would never be woken (see _close).
                 sock.close()
         return bool(conn.block_bytes_received or conn.block_bytes_sent)
+
+    def _set_congestion(self, sock: socket.socket, name: str) -> None:
+        """Use congestion control ``name`` if this host has it; else say so once, go on."""
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, _TCP_CONGESTION, name.encode())
+        except (OSError, TypeError) as exc:  # not loaded, not allowed, or not Linux
+            log.warning("congestion control %r unavailable (%s); using the host's", name, exc)
+            self.config.congestion = None
 
     async def _handshake(self, sock: socket.socket, conn: Any, buffer: bytearray) -> list[Any]:
         """Run the mutual authentication; return events that arrived right behind it."""
