@@ -608,6 +608,24 @@ def test_announces_held_while_gathering_are_answered_when_the_last_peer_joins(
     tracker_test(body, tmp_path / "t.db", config=hold)
 
 
+def test_a_held_peer_counts_as_alive_from_its_answer_not_its_request(tmp_path: Path) -> None:
+    async def body(t: RunningTracker, s: Session, clock: FakeClock) -> None:
+        await register(t, s, expected=2)
+        first = asyncio.create_task(ok(t, s, request(2, clock, event="started")))
+        await asyncio.sleep(0.2)
+        clock.advance(2.5)  # a long hold: longer than the 1 s interval at its request
+        await ok(t, s, request(3, clock, event="started"))
+        answer = await asyncio.wait_for(first, 5)
+        # Its next announce is due an interval after the answer; until then it is alive.
+        clock.advance(3 * answer["interval"] - 0.5)
+        later = await ok(t, s, request(3, clock))
+        assert later["stats"]["peers"] == 2 and pid(2) in ids(later)
+
+    tracker_test(
+        body, tmp_path / "t.db", config=TrackerConfig(intervals=IntervalConfig(gather_hold=30))
+    )
+
+
 def test_a_held_announce_is_answered_after_the_hold_if_the_fleet_is_still_missing(
     tmp_path: Path,
 ) -> None:

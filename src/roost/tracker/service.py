@@ -204,7 +204,13 @@ class Tracker:
         if swarm is None or record is None or now >= record.expires_at:
             return response  # forgotten or gone meanwhile: the first answer stands
         live = swarm.live_peers(now)
-        return self._answer(swarm, record, live, *self._pace(swarm, live, now), now)
+        complete, interval = self._pace(swarm, live, now)
+        # The peer's next announce is due ``interval`` after this answer, not after its
+        # request: count its liveness from now, or a long hold makes it expire early.
+        record = record.replace(expires_at=now + self.config.timeout_factor * interval)
+        self.store.put_peer(swarm, record)
+        live = [p for p in live if p.peer != record.peer] + [record]
+        return self._answer(swarm, record, live, complete, interval, now)
 
     def _update(self, swarm: SwarmRecord, req: AnnounceRequest, now: float) -> AnnounceResponse:
         old = swarm.peers.get(req.peer)
