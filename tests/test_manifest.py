@@ -611,6 +611,24 @@ def test_check_relative_path_accepts(path):
     assert check_relative_path(path) == path
 
 
+_NAMES = st.sampled_from(["", ".", "..", "...", "a", ".x", "x.", "é" * 127, "é" * 128, "x" * 256])
+
+
+@settings(max_examples=300)
+@given(st.lists(_NAMES, min_size=1, max_size=6))
+def test_check_relative_path_agrees_with_a_component_by_component_check(names):
+    """The substring tests stand for the plain rule: every component non-empty, not '.'
+    or '..', and at most 255 bytes (the path itself within the length limit)."""
+    path = "/".join(names)
+    clean = all(n not in ("", ".", "..") for n in names)
+    short = all(len(n.encode()) <= MAX_NAME_BYTES for n in names)
+    if path and clean and short:
+        assert check_relative_path(path) == path
+    else:
+        with pytest.raises(ManifestError):
+            check_relative_path(path)
+
+
 def test_manifest_validates_every_kind_of_path():
     bad = "a/../b"
     for kwargs in (
