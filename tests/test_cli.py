@@ -821,14 +821,14 @@ def test_commands_on_a_missing_destination_fail_in_one_line(tmp_path, args):
     assert not dest.exists()
 
 
-def test_peers_keep_the_hosts_congestion_control_unless_told(tmp_path):
+def test_peers_default_to_cubic_and_system_keeps_the_hosts_congestion_control(tmp_path):
     from roost.runtime.cli import build_parser, engine_config
 
     parser, _ = build_parser()
     secret = tmp_path / "secret"
     secret.write_text("ab" * 32)
     base = ["fetch", "m", "--dest", "d", "--peer", "127.0.0.1:1", "--secret-file", str(secret)]
-    assert engine_config(parser.parse_args(base)).congestion is None
+    assert engine_config(parser.parse_args(base)).congestion == "cubic"
     system = parser.parse_args([*base, "--congestion", "system"])
     assert engine_config(system).congestion is None
     assert engine_config(parser.parse_args([*base, "--congestion", "reno"])).congestion == "reno"

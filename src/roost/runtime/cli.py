@@ -164,8 +164,8 @@ def add_swarm_options(p: argparse.ArgumentParser) -> None:
         "--congestion",
         default=DEFAULT_CONGESTION,
         metavar="NAME",
-        help="TCP congestion control for peer connections, e.g. cubic or bbr"
-        " (default: 'system', the host's)",
+        help=f"TCP congestion control for peer connections (default {DEFAULT_CONGESTION};"
+        " 'system': the host's default)",
     )
 
 
@@ -405,10 +405,11 @@ def report_activation(store: Store, activated: str | None, pruned: list[str]) ->
 
 # -- helpers ------------------------------------------------------------------------------
 
-# Peers' TCP congestion control: the host's own unless told otherwise. CUBIC beat
-# BBR (v1) on the testbed's full, shallow-buffered links on average, but in about
-# one run of four a connection stalled for over 5 s (docs/scheduling.md).
-DEFAULT_CONGESTION = "system"
+# Peers' TCP congestion control. Each host sends several streams through one link
+# kept busy from start to finish, and BBR (v1) loses more segments there than
+# CUBIC: on the testbed CUBIC took T_last from 21-23 s to 15-16 s
+# (docs/scheduling.md has the measurements and the runs that went wrong).
+DEFAULT_CONGESTION = "cubic"
 _SIZE = re.compile(r"(\d+)\s*([kmgt]?)(i?b)?", re.IGNORECASE)
 
 
