@@ -32,7 +32,8 @@ from roost.runtime import protocol as wire
 from roost.runtime.announce import fetch_status
 from roost.runtime.manifest import Manifest
 from roost.runtime.pack import pack
-from roost.runtime.peer import Engine, EngineConfig, Pieces
+from roost.runtime import peer as peer_module
+from roost.runtime.peer import Engine, EngineConfig, Pieces, keep_new_connection
 from roost.runtime.store import Store
 from roost.runtime.swarm import write_secret
 from roost.runtime.tree import verify_tree
@@ -43,6 +44,7 @@ from swarm_helpers import (
     Swarm,
     WireClient,
     child_env,
+    free_port,
     lying_pieces,
     make_release,
     wait_until,
@@ -405,6 +407,62 @@ def test_peer_connections_use_the_chosen_congestion_control_or_the_hosts(tmp_pat
             staging.abandon()
 
     asyncio.run(scenario())
+
+
+def test_peers_that_dial_each_other_at_once_keep_one_connection(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Peers told of each other together (a relay plan names a source and its child) dial
+    each other at once. Each used to keep whichever handshake finished first and close the
+    other, so often each closed the one the other kept and neither was left until a redial
+    (here never: the back-off is made endless)."""
+    monkeypatch.setattr(peer_module, "RETRY_BASE", 3600.0)
+    src = make_release(tmp_path / "src", big=[64 * 1024], small=3, seed=7)
+    manifest = pack(str(src))
+    secret = os.urandom(32)
+
+    def engine(port: int, other: int) -> Engine:
+        config = EngineConfig(
+            secret=secret, listen_port=port, peers=[("127.0.0.1", other)], linger=600.0
+        )
+        return Engine(manifest, Pieces(str(src), manifest, complete=True), config)
+
+    def one_shared_connection(a: Engine, b: Engine) -> bool:
+        if len(a.neighbours) != 1 or len(b.neighbours) != 1:
+            return False
+        (ours,), (theirs,) = a.neighbours.values(), b.neighbours.values()
+        return ours.sock.getsockname() == theirs.sock.getpeername()
+
+    async def scenario() -> None:
+        port_a, port_b = free_port(), free_port()
+        a, b = engine(port_a, port_b), engine(port_b, port_a)
+        runs = [asyncio.ensure_future(a.run()), asyncio.ensure_future(b.run())]
+        try:
+            await asyncio.wait_for(_until(lambda: one_shared_connection(a, b)), 20)
+        finally:
+            for task in runs:
+                task.cancel()
+            await asyncio.gather(*runs, return_exceptions=True)
+
+    for _ in range(5):  # a race: lost in most rounds before the fix
+        asyncio.run(scenario())
+
+
+def test_both_ends_of_a_doubled_connection_keep_the_same_one() -> None:
+    low, high = b"\x01" * 20, b"\x02" * 20
+
+    def kept(me: bytes, them: bytes, dialers: tuple[bytes, bytes]) -> bytes:
+        """Who dialled the connection ``me`` keeps, the two finishing their handshakes
+        in this order (each connection named by the peer that dialled it)."""
+        existing, new = dialers
+        return new if keep_new_connection(me, them, existing == me, new == me) else existing
+
+    for at_low in ((low, high), (high, low)):
+        for at_high in ((low, high), (high, low)):
+            assert kept(low, high, at_low) == kept(high, low, at_high) == low
+    # A peer dials again only once it has dropped its old connection: the new one wins.
+    assert keep_new_connection(low, high, True, True)
+    assert keep_new_connection(high, low, False, False)
 
 
 async def _until(predicate: Callable[[], bool]) -> None:

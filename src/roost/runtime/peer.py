@@ -198,11 +198,14 @@ class _Download:
 class Neighbour:
     """One authenticated connection to another peer."""
 
-    def __init__(self, engine: Engine, sock: socket.socket, conn: Any, address: str) -> None:
+    def __init__(
+        self, engine: Engine, sock: socket.socket, conn: Any, address: str, *, dialled_by_us: bool
+    ) -> None:
         self.engine = engine
         self.sock = sock
         self.conn = conn
         self.address = address
+        self.dialled_by_us = dialled_by_us
         self.peer_id: bytes = conn.remote_peer_id
         self.has = bytearray(engine.manifest.piece_count)
         self.downloads: dict[int, _Download] = {}
@@ -523,10 +526,18 @@ class Engine:
         peer_id = conn.remote_peer_id
         if dialled is not None:
             self.dialled[dialled] = peer_id
-        if peer_id in self.banned or peer_id in self.neighbours or peer_id == self.config.peer_id:
+        if peer_id in self.banned or peer_id == self.config.peer_id:
             sock.close()
             return False
-        neighbour = Neighbour(self, sock, conn, address)
+        existing = self.neighbours.get(peer_id)
+        if existing is not None:
+            if not keep_new_connection(
+                self.config.peer_id, peer_id, existing.dialled_by_us, dialled is not None
+            ):
+                sock.close()
+                return False
+            self._close(existing, "replaced by a newer connection")
+        neighbour = Neighbour(self, sock, conn, address, dialled_by_us=dialled is not None)
         self.neighbours[peer_id] = neighbour
         held = (i for i, has in enumerate(self.pieces.have) if has)
         neighbour.outbox.put_nowait(wire.Bitfield.from_pieces(held, self.manifest.piece_count))
@@ -1148,6 +1159,22 @@ def _set_low_water(neighbour: Neighbour, wanted: int) -> None:
         neighbour.low_water = wanted
         with contextlib.suppress(OSError):
             neighbour.sock.setsockopt(socket.SOL_SOCKET, _SO_RCVLOWAT, wanted)
+
+
+def keep_new_connection(
+    our_id: bytes, their_id: bytes, existing_dialled_by_us: bool, new_dialled_by_us: bool
+) -> bool:
+    """Of two connections to one peer, whether to keep the new one (and close the other).
+
+    Both ends must choose the same connection, or each closes the one the other
+    kept and neither is left (peers told of each other at once, as a relay plan
+    does, dial each other at once). Dialled in opposite directions: the one
+    dialled by the smaller peer id. In the same direction: the newer, since a
+    peer dials again only once it has dropped the old connection.
+    """
+    if existing_dialled_by_us == new_dialled_by_us:
+        return True
+    return new_dialled_by_us == (our_id < their_id)
 
 
 def _key(upload: _Upload) -> tuple[int, int, int]:
