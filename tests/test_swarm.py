@@ -28,11 +28,11 @@ from typing import Callable
 
 import pytest
 
+from roost.runtime import peer as peer_module
 from roost.runtime import protocol as wire
 from roost.runtime.announce import fetch_status
 from roost.runtime.manifest import Manifest
 from roost.runtime.pack import pack
-from roost.runtime import peer as peer_module
 from roost.runtime.peer import Engine, EngineConfig, Pieces, keep_new_connection
 from roost.runtime.store import Store
 from roost.runtime.swarm import write_secret
