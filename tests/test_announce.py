@@ -9,11 +9,13 @@ import hmac
 import json
 import random
 import socket
+import ssl
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
+import trustme
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 from hypothesis import given
@@ -22,6 +24,8 @@ from hypothesis import strategies as st
 from roost.runtime.announce import (
     AnnounceRequest,
     AnnounceResponse,
+    BadHTTP,
+    HTTPResponse,
     MalformedMessage,
     Neighbour,
     TrackerError,
@@ -29,6 +33,7 @@ from roost.runtime.announce import (
     TrackerUnavailable,
     announce,
     backoff_delay,
+    encode_request,
     fetch_status,
     jittered,
     parse_request,
@@ -270,6 +275,113 @@ def test_a_failing_tracker_is_unavailable_not_rejected() -> None:
                 await asyncio.to_thread(announce, url, signed)
 
     asyncio.run(main())
+
+
+def test_the_client_reads_chunked_answers_and_speaks_https(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Trackers behind a proxy may answer chunked, and may be reached over https: the
+    client frames both itself (it does not use http.client)."""
+    authority = trustme.CA()
+    ca_file = tmp_path / "ca.pem"
+    authority.cert_pem.write_to_path(str(ca_file))
+    monkeypatch.setenv("SSL_CERT_FILE", str(ca_file))  # the default context trusts it
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    authority.issue_cert("localhost").configure_cert(server_context)
+    status = {"swarms": [{"swarm": SWARM, "peers": ["x" * 100] * 500}]}
+
+    async def chunked(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse()
+        response.enable_chunked_encoding()
+        await response.prepare(request)
+        text = json.dumps(status).encode()
+        for start in range(0, len(text), 1000):
+            await response.write(text[start : start + 1000])
+        await response.write_eof()
+        return response
+
+    async def main() -> None:
+        app = web.Application()
+        app.router.add_get("/v1/status", chunked)
+        async with TestServer(app, host="127.0.0.1") as plain:
+            assert await asyncio.to_thread(fetch_status, f"http://127.0.0.1:{plain.port}") == status
+        secure = TestServer(app, host="127.0.0.1")
+        await secure.start_server(ssl=server_context)
+        try:
+            url = f"https://localhost:{secure.port}"
+            assert await asyncio.to_thread(fetch_status, url) == status
+            monkeypatch.delenv("SSL_CERT_FILE")  # an unknown certificate is refused
+            with pytest.raises(TrackerUnavailable, match="CERTIFICATE_VERIFY_FAILED"):
+                await asyncio.to_thread(fetch_status, url)
+        finally:
+            await secure.close()
+
+    asyncio.run(main())
+
+
+def feed_in_pieces(response: HTTPResponse, data: bytes, size: int) -> None:
+    for start in range(0, len(data), size):
+        response.feed(data[start : start + size])
+    if not response.complete:
+        response.feed(b"")  # the end of the stream
+
+
+@pytest.mark.parametrize("size", [1, 7, 4096])
+@pytest.mark.parametrize(
+    ("raw", "body"),
+    [
+        (b"HTTP/1.1 200 OK\r\ncontent-LENGTH: 5\r\n\r\nhello", b"hello"),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n", b""),
+        (b"HTTP/1.0 404 Not Found\r\nServer: x\r\n\r\nto the end", b"to the end"),
+        (
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"5;ext=1\r\nhello\r\nA\r\n, world!!!\r\n0\r\nTrailer: t\r\n\r\n",
+            b"hello, world!!!",
+        ),
+    ],
+)
+def test_http_answers_are_framed_however_they_arrive(raw: bytes, body: bytes, size: int) -> None:
+    response = HTTPResponse()
+    feed_in_pieces(response, raw, size)
+    assert response.complete and response.body == body
+    assert response.status == int(raw[9:12])
+
+
+@pytest.mark.parametrize(
+    ("raw", "error"),
+    [
+        (b"SSH-2.0-OpenSSH_9.2\r\n\r\n", "not an HTTP/1.x status line"),
+        (b"HTTP/1.1 200 OK\r\nno colon\r\n\r\n", "malformed header"),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n", "bad Content-Length"),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\nshort", "in the middle"),
+        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nab", "in the middle"),
+        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", "bad chunk size"),
+        (b"HTTP/1.1 200 OK\r\nContent-Le", "before the answer's headers"),
+    ],
+)
+def test_broken_http_answers_are_errors(raw: bytes, error: str) -> None:
+    with pytest.raises(BadHTTP, match=error):
+        feed_in_pieces(HTTPResponse(), raw, 3)
+
+
+def test_http_answers_over_the_limit_are_refused() -> None:
+    for raw in (
+        b"HTTP/1.1 200 OK\r\nContent-Length: 11\r\n\r\n" + b"x" * 11,
+        b"HTTP/1.1 200 OK\r\n\r\n" + b"x" * 11,
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nb\r\n"
+        + b"x" * 11
+        + b"\r\n0\r\n\r\n",
+    ):
+        with pytest.raises(MalformedMessage, match="larger than 10 bytes"):
+            feed_in_pieces(HTTPResponse(limit=10), raw, 4)
+
+
+def test_requests_carry_their_length_and_ask_to_close() -> None:
+    raw = encode_request("POST", "[::1]:7070", "/v1/announce", b"{}", {"X-Roost-Auth": "ab"})
+    assert raw == (
+        b"POST /v1/announce HTTP/1.1\r\nHost: [::1]:7070\r\nConnection: close\r\n"
+        b"Content-Length: 2\r\nX-Roost-Auth: ab\r\n\r\n{}"
+    )
 
 
 def test_bad_urls_are_reported() -> None:
