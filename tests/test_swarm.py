@@ -166,6 +166,30 @@ def test_a_peer_killed_mid_transfer_leaves_no_partial_release(
     assert_installed(again, manifest, release_16)
 
 
+def test_sigterm_stops_a_fetch_cleanly_and_tells_the_tracker(
+    swarm: Swarm, release_16: Path
+) -> None:
+    """SIGTERM (or Ctrl-C) stops the engine instead of raising at an arbitrary point, which
+    left coroutines half-run for asyncio to print tracebacks about."""
+    manifest = swarm.release(release_16)
+    tracker = swarm.start_tracker(expected_peers=1)
+    swarm.start_seeder()
+    victim = swarm.fetch("--download-rate", "2M", name="victim")
+    wait_until(lambda: victim.have > 0, "the victim to start receiving")
+    assert len(tracker.status(manifest.id)["peers"]) == 2
+
+    victim.kill(signal.SIGTERM)
+
+    assert victim.wait() == 130
+    stderr = victim.stderr()
+    assert "interrupted" in stderr
+    assert "Traceback" not in stderr and "Exception ignored" not in stderr
+    assert victim.named("error")[-1]["message"] == "interrupted"
+    assert not victim.completed
+    assert_nothing_installed(victim)
+    assert len(tracker.status(manifest.id)["peers"]) == 1  # it told the tracker it stopped
+
+
 def test_a_frozen_relay_peer_does_not_hold_back_the_others(swarm: Swarm, release_16: Path) -> None:
     """The first peer to join heads the relay chain. Frozen (SIGSTOP) mid-transfer, it
     neither answers nor closes: its child gives it up as a source after a few seconds

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 import sys
 import threading
 import time
@@ -182,9 +183,11 @@ def _activate_and_prune(store: Store, name: str, activate: bool, keep: int | Non
 
 
 def _run(engine: Engine, events: EventLog, stop_on_eof: BinaryIO | None = None) -> Stats:
+    signalled: list[int] = []
+
     async def main() -> Stats:
+        loop = asyncio.get_running_loop()
         if stop_on_eof is not None:
-            loop = asyncio.get_running_loop()
 
             def watch() -> None:
                 while stop_on_eof.read(65536):
@@ -192,15 +195,41 @@ def _run(engine: Engine, events: EventLog, stop_on_eof: BinaryIO | None = None) 
                 loop.call_soon_threadsafe(engine.stop)
 
             threading.Thread(target=watch, name="roost-stdin", daemon=True).start()
+        if threading.current_thread() is threading.main_thread():
+            for signum in STOP_SIGNALS:
+                loop.add_signal_handler(signum, _stop_on_signal, engine, signalled, signum)
         return await engine.run()
 
+    handlers = {signum: signal.getsignal(signum) for signum in STOP_SIGNALS}
     try:
         stats = asyncio.run(main())
     except StalledError as exc:
         events.emit("error", message=str(exc))
         raise RoostError(f"download stalled: {exc}") from None
     except StoppedError as exc:
-        events.emit("error", message=str(exc))
+        events.emit("error", message="interrupted" if signalled else str(exc))
+        if signalled:
+            raise KeyboardInterrupt from None
         raise RoostError(f"{exc}: the controller went away") from None
+    finally:
+        if threading.current_thread() is threading.main_thread():
+            for signum, handler in handlers.items():  # the loop left them at their defaults
+                signal.signal(signum, handler)
     events.emit("done", **_counts(stats))
+    if signalled:
+        raise KeyboardInterrupt
     return stats
+
+
+# SIGTERM and Ctrl-C stop the engine the way the controller going away does: it closes
+# its connections and tells the tracker it stopped, and the command ends as interrupted.
+# (Raised at an arbitrary point instead, KeyboardInterrupt left coroutines half-run, and
+# asyncio printed their tracebacks.)
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+def _stop_on_signal(engine: Engine, signalled: list[int], signum: int) -> None:
+    if signalled:  # a second signal while shutting down: stop at once
+        raise KeyboardInterrupt
+    signalled.append(signum)
+    engine.stop()
