@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import filecmp
+import functools
 import hashlib
 import json
 import os
@@ -29,6 +30,7 @@ from typing import Callable
 import pytest
 
 from roost.runtime import peer as peer_module
+from roost.runtime import picker
 from roost.runtime import protocol as wire
 from roost.runtime.announce import fetch_status
 from roost.runtime.manifest import Manifest
@@ -487,6 +489,54 @@ def test_both_ends_of_a_doubled_connection_keep_the_same_one() -> None:
     # A peer dials again only once it has dropped its old connection: the new one wins.
     assert keep_new_connection(low, high, True, True)
     assert keep_new_connection(high, low, False, False)
+
+
+def test_a_cancelled_request_does_not_hold_up_an_origin_sending_in_order(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Regression: a peer that asked the origin for pieces before it had its relay plan
+    cancels them when the plan comes. A cancelled request far ahead of the origin's piece
+    order still waited for its turn at the head of that peer's queue, and the peer's own
+    stripe, queued behind it, stalled (for the whole fleet: it was a stripe's root)."""
+    # Only the lowest piece waiting and the next may go, and a head never counts as stuck.
+    ordered = functools.partial(picker.origin_may_send, lead=2, stall=3600.0)
+    monkeypatch.setattr(picker, "origin_may_send", ordered)
+    src = make_release(tmp_path / "src", big=[20 << 20], small=3, seed=8)
+    manifest = pack(str(src), piece_size=8 << 20)
+    assert manifest.piece_count == 3
+    secret = os.urandom(32)
+
+    def key(piece: int) -> tuple[int, int, int]:
+        return piece, 0, manifest.piece_length(piece)
+
+    async def scenario() -> None:
+        config = EngineConfig(secret=secret, seeder=True, linger=600.0)
+        seeder = Engine(manifest, Pieces(str(src), manifest, complete=True), config)
+        seeder_run = asyncio.ensure_future(seeder.run())
+        await _until(lambda: seeder.port != 0)
+        seeder.ordered_uploads = True  # as the tracker's answer sets it under a plan
+        # A peer that asks for piece 0 and never reads it: that upload stays at the head.
+        stuck, client = WireClient(manifest, secret), WireClient(manifest, secret)
+        stuck.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        try:
+            await stuck.connect(seeder.port)
+            await stuck.send(wire.Request(*key(0)))
+            await _until(lambda: any(n.sending for n in seeder.neighbours.values()))
+            await client.connect(seeder.port)
+            await client.send(wire.Request(*key(2)))  # too far ahead of piece 0: it waits its turn
+            await _until(lambda: sum(bool(n.sending) for n in seeder.neighbours.values()) == 2)
+            await client.send(wire.Cancel(*key(2)))
+            await client.send(wire.Request(*key(1)))
+            # (The Reject that answers the Cancel is the protocol's business: no event.)
+            answer = await asyncio.wait_for(client.next_event(), 30)
+            assert isinstance(answer, wire.Block) and answer.piece == 1
+        finally:
+            stuck.close()
+            client.close()
+            seeder_run.cancel()
+            await asyncio.gather(seeder_run, return_exceptions=True)
+
+    asyncio.run(scenario())
 
 
 async def _until(predicate: Callable[[], bool]) -> None:

@@ -629,7 +629,7 @@ class Engine:
                 if isinstance(item, _Upload):
                     neighbour.sending = (item.piece, self.clock())
                     try:
-                        await self._upload_turn(item.piece)
+                        await self._upload_turn(neighbour, item)
                         await self._send_upload(neighbour, item)
                     finally:
                         neighbour.sending = None
@@ -655,11 +655,18 @@ class Engine:
             log.info("sending to %s failed: %s", neighbour.address, exc)
             self._close(neighbour, "send failed")
 
-    async def _upload_turn(self, piece: int) -> None:
-        """A seeder under a relay plan sends in piece order (``picker.origin_may_send``)."""
-        while self.ordered_uploads:
+    async def _upload_turn(self, neighbour: Neighbour, upload: _Upload) -> None:
+        """A seeder under a relay plan sends in piece order (``picker.origin_may_send``).
+
+        A cancelled upload does not wait its turn: it only leaves as a Reject, and
+        the uploads queued behind it for this neighbour would wait with it. (A peer
+        that asked the origin for pieces before it had its plan cancels them when
+        the plan comes; waiting, those held its whole stripe back.)
+        """
+        key = _key(upload)
+        while self.ordered_uploads and key not in neighbour.uploads_cancelled:
             heads = [n.sending for n in self.neighbours.values() if n.sending is not None]
-            if picker.origin_may_send(piece, heads, self.clock()):
+            if picker.origin_may_send(upload.piece, heads, self.clock()):
                 return
             assert self._upload_done is not None
             self._upload_done.clear()
@@ -794,6 +801,8 @@ class Engine:
             request = wire.Request(event.piece, event.offset, event.length)
             if request in neighbour.conn.their_requests:  # not answered yet: answer with Reject
                 neighbour.uploads_cancelled.add(_key(upload))
+                if self._upload_done is not None:
+                    self._upload_done.set()  # it may be waiting for its turn (_upload_turn)
                 parked = self._parked.get(event.piece, [])
                 if (neighbour, upload) in parked:  # queued now, it leaves as that Reject
                     parked.remove((neighbour, upload))
