@@ -491,13 +491,31 @@ def test_both_ends_of_a_doubled_connection_keep_the_same_one() -> None:
     assert keep_new_connection(high, low, False, False)
 
 
-def test_a_cancelled_request_does_not_hold_up_an_origin_sending_in_order(
+def test_an_outbox_sends_messages_first_and_uploads_lowest_piece_first() -> None:
+    async def main() -> None:
+        outbox = peer_module.Outbox()
+        upload = peer_module._Upload
+        for item in (upload(9, 0, 1), wire.Have((1,)), upload(4, 0, 1), wire.KeepAlive()):
+            outbox.put_nowait(item)
+        assert outbox.exchange(upload(7, 0, 1)) == upload(4, 0, 1)  # 7 queued in its place
+        assert outbox.exchange(upload(1, 0, 1)) == upload(1, 0, 1)  # nothing lower queued
+        assert outbox.qsize() == 4
+        taken = [outbox.get_nowait() for _ in range(4)]
+        assert taken == [wire.Have((1,)), wire.KeepAlive(), upload(7, 0, 1), upload(9, 0, 1)]
+        assert outbox.empty()
+
+    asyncio.run(main())
+
+
+def test_an_origin_sending_in_order_is_not_held_up_by_a_request_out_of_order(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Regression: a peer that asked the origin for pieces before it had its relay plan
-    cancels them when the plan comes. A cancelled request far ahead of the origin's piece
-    order still waited for its turn at the head of that peer's queue, and the peer's own
-    stripe, queued behind it, stalled (for the whole fleet: it was a stripe's root)."""
+    """Regression: a peer that asked the origin for pieces before its relay plan came
+    keeps those of its own stripe, far ahead of the origin's piece order, and cancels the
+    others. Waiting for its turn at the head of that peer's queue, such a request held up
+    the in-order requests behind it, and the stripe stalled for the whole fleet (the peer
+    was that stripe's root). Now a lower piece queued meanwhile goes first, and a
+    cancelled request does not wait at all."""
     # Only the lowest piece waiting and the next may go, and a head never counts as stuck.
     ordered = functools.partial(picker.origin_may_send, lead=2, stall=3600.0)
     monkeypatch.setattr(picker, "origin_may_send", ordered)
@@ -523,13 +541,15 @@ def test_a_cancelled_request_does_not_hold_up_an_origin_sending_in_order(
             await stuck.send(wire.Request(*key(0)))
             await _until(lambda: any(n.sending for n in seeder.neighbours.values()))
             await client.connect(seeder.port)
-            await client.send(wire.Request(*key(2)))  # too far ahead of piece 0: it waits its turn
-            await _until(lambda: sum(bool(n.sending) for n in seeder.neighbours.values()) == 2)
-            await client.send(wire.Cancel(*key(2)))
+            ours = next(n for n in seeder.neighbours.values() if not n.sending)
+            await client.send(wire.Request(*key(2)))  # too far ahead of piece 0: it waits
+            await _until(lambda: ours.sending is not None and ours.sending[0] == 2)
             await client.send(wire.Request(*key(1)))
-            # (The Reject that answers the Cancel is the protocol's business: no event.)
             answer = await asyncio.wait_for(client.next_event(), 30)
             assert isinstance(answer, wire.Block) and answer.piece == 1
+            await _until(lambda: ours.sending is not None and ours.sending[0] == 2)
+            await client.send(wire.Cancel(*key(2)))
+            await asyncio.wait_for(_until(lambda: ours.sending is None), 30)  # left as a Reject
         finally:
             stuck.close()
             client.close()

@@ -18,13 +18,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import heapq
+import itertools
 import logging
 import os
 import random
 import socket
 import sys
 import time
-from collections.abc import Iterable
+from collections import deque
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable
@@ -210,7 +213,7 @@ class Neighbour:
         self.has = bytearray(engine.manifest.piece_count)
         self.downloads: dict[int, _Download] = {}
         self.in_flight = 0
-        self.outbox: asyncio.Queue = asyncio.Queue()
+        self.outbox = Outbox()
         self.uploads_cancelled: set[tuple[int, int, int]] = set()
         self.refused: set[int] = set()  # pieces a seeder told this neighbour to get elsewhere
         self.requests_queued = 0  # Requests in the outbox, not yet in the protocol's ledger
@@ -629,7 +632,7 @@ class Engine:
                 if isinstance(item, _Upload):
                     neighbour.sending = (item.piece, self.clock())
                     try:
-                        await self._upload_turn(neighbour, item)
+                        item = await self._upload_turn(neighbour, item)
                         await self._send_upload(neighbour, item)
                     finally:
                         neighbour.sending = None
@@ -655,23 +658,29 @@ class Engine:
             log.info("sending to %s failed: %s", neighbour.address, exc)
             self._close(neighbour, "send failed")
 
-    async def _upload_turn(self, neighbour: Neighbour, upload: _Upload) -> None:
-        """A seeder under a relay plan sends in piece order (``picker.origin_may_send``).
+    async def _upload_turn(self, neighbour: Neighbour, upload: _Upload) -> _Upload:
+        """The upload to send to ``neighbour`` next: a seeder under a relay plan sends in
+        piece order (``picker.origin_may_send``), so it may wait, and it may take a lower
+        piece queued meanwhile instead (the one it held goes back in the queue).
 
-        A cancelled upload does not wait its turn: it only leaves as a Reject, and
-        the uploads queued behind it for this neighbour would wait with it. (A peer
-        that asked the origin for pieces before it had its plan cancels them when
-        the plan comes; waiting, those held its whole stripe back.)
+        A neighbour's requests need not come in piece order (those made before its plan
+        came stay valid for its own stripe), and one waiting for its turn at the head of
+        its queue held up everything behind it: whole stripes stalled. A cancelled upload
+        does not wait at all: it only leaves as a Reject.
         """
-        key = _key(upload)
-        while self.ordered_uploads and key not in neighbour.uploads_cancelled:
+        while self.ordered_uploads and _key(upload) not in neighbour.uploads_cancelled:
+            lower = neighbour.outbox.exchange(upload)
+            if lower is not upload:
+                upload = lower
+                neighbour.sending = (upload.piece, self.clock())
             heads = [n.sending for n in self.neighbours.values() if n.sending is not None]
             if picker.origin_may_send(upload.piece, heads, self.clock()):
-                return
+                break
             assert self._upload_done is not None
             self._upload_done.clear()
             with contextlib.suppress(asyncio.TimeoutError):  # a head may stall meanwhile
                 await asyncio.wait_for(self._upload_done.wait(), picker.ORIGIN_STALL / 4)
+        return upload
 
     async def _send_upload(self, neighbour: Neighbour, upload: _Upload) -> None:
         key = _key(upload)
@@ -789,6 +798,8 @@ class Engine:
                     if self.pieces.checked is not None and not self.pieces.checked[event.piece]:
                         self._check_source(event.piece)
                     neighbour.outbox.put_nowait(upload)
+                    if self.ordered_uploads and self._upload_done is not None:
+                        self._upload_done.set()  # a lower piece may go before one waiting
                 else:
                     neighbour.outbox.put_nowait(wire.Reject(*_key(upload)))
             elif not self.config.seeder:
@@ -1138,6 +1149,58 @@ class _Upload:
     length: int
     # The bytes, when the piece was just received and is relayed at once from memory.
     data: memoryview | None = field(default=None, compare=False)
+
+
+class Outbox(asyncio.Queue):
+    """What is waiting to be sent on one connection: messages in the order queued, ahead
+    of every upload, and uploads lowest piece first (a seeder under a plan sends in piece
+    order, see ``Engine._upload_turn``; for everyone else the order is free)."""
+
+    def _init(self, maxsize: int) -> None:
+        self._queue = _OutboxItems()
+
+    def _put(self, item: Any) -> None:
+        self._queue.add(item)
+
+    def _get(self) -> Any:
+        return self._queue.take()
+
+    def exchange(self, upload: _Upload) -> _Upload:
+        """``upload``, or a queued upload of a lower piece, ``upload`` queued in its place."""
+        return self._queue.exchange(upload)
+
+
+class _OutboxItems:
+    """The container behind ``Outbox`` (what ``asyncio.Queue`` keeps as ``_queue``)."""
+
+    def __init__(self) -> None:
+        self.messages: deque[Any] = deque()
+        self.uploads: list[tuple[int, int, int, _Upload]] = []  # a heap, by piece and offset
+        self._arrival = itertools.count()
+
+    def __len__(self) -> int:
+        return len(self.messages) + len(self.uploads)
+
+    def __iter__(self) -> Iterator[Any]:
+        yield from self.messages
+        yield from (entry[-1] for entry in sorted(self.uploads))
+
+    def add(self, item: Any) -> None:
+        if isinstance(item, _Upload):
+            heapq.heappush(self.uploads, self._entry(item))
+        else:
+            self.messages.append(item)
+
+    def take(self) -> Any:
+        return self.messages.popleft() if self.messages else heapq.heappop(self.uploads)[-1]
+
+    def exchange(self, upload: _Upload) -> _Upload:
+        if self.uploads and self.uploads[0][:2] < (upload.piece, upload.offset):
+            return heapq.heapreplace(self.uploads, self._entry(upload))[-1]
+        return upload
+
+    def _entry(self, upload: _Upload) -> tuple[int, int, int, _Upload]:
+        return (upload.piece, upload.offset, next(self._arrival), upload)
 
 
 class StoppedError(Exception):
