@@ -75,6 +75,9 @@ def request(
 
 
 Session = aiohttp.ClientSession
+# For tests that announce one peer at a time while the tracker gathers the fleet: an
+# answer held for the others (``gather_hold``) would only make them wait in real time.
+NO_HOLD = TrackerConfig(intervals=IntervalConfig(gather_hold=0))
 
 
 def tracker_test(
@@ -341,7 +344,7 @@ def test_swarm_complete_waits_for_every_live_and_expected_peer(tmp_path: Path) -
         # a newcomer that is not done makes the swarm incomplete again
         assert not (await ok(t, s, request(5, clock, have=1)))["swarm_complete"]
 
-    tracker_test(body, tmp_path / "t.db")
+    tracker_test(body, tmp_path / "t.db", config=NO_HOLD)
 
 
 def test_a_complete_peer_that_only_says_stopped_still_counts(tmp_path: Path) -> None:
@@ -357,7 +360,7 @@ def test_a_complete_peer_that_only_says_stopped_still_counts(tmp_path: Path) -> 
         assert answer["stats"]["complete"] == 2
         assert answer["swarm_complete"]
 
-    tracker_test(body, tmp_path / "t.db")
+    tracker_test(body, tmp_path / "t.db", config=NO_HOLD)
 
 
 def test_swarm_with_only_its_origin_is_not_complete(tmp_path: Path) -> None:
@@ -561,7 +564,7 @@ def test_the_tracker_gathers_the_expected_fleet_then_hands_out_a_relay_plan(
         assert pid(2) in ids(origin)  # the origin is told about its relay child
         assert origin["stripes"] == 1 and "sources" not in origin  # and that there is a plan
 
-    tracker_test(body, tmp_path / "t.db")
+    tracker_test(body, tmp_path / "t.db", config=NO_HOLD)
 
 
 def test_gathering_gives_up_on_peers_that_never_come(tmp_path: Path) -> None:
@@ -579,7 +582,60 @@ def test_gathering_gives_up_on_peers_that_never_come(tmp_path: Path) -> None:
         assert waited >= DEFAULT_INTERVALS.gather_timeout
         assert set(answer["sources"]) == {pid(1)} and pid(1) in ids(answer)  # every stripe
 
-    tracker_test(body, tmp_path / "t.db")
+    # Answers are not held here: the fake clock, not real time, ends the gathering.
+    tracker_test(body, tmp_path / "t.db", config=NO_HOLD)
+
+
+def test_announces_held_while_gathering_are_answered_when_the_last_peer_joins(
+    tmp_path: Path,
+) -> None:
+    async def body(t: RunningTracker, s: Session, clock: FakeClock) -> None:
+        await register(t, s, expected=2)
+        seeder = asyncio.create_task(ok(t, s, request(1, clock, have=10, seeder=True)))
+        first = asyncio.create_task(ok(t, s, request(2, clock, event="started")))
+        await asyncio.sleep(0.3)
+        assert not first.done() and not seeder.done()  # held: the fleet is not in yet
+        last = await ok(t, s, request(3, clock, event="started"))
+        # Released by that arrival, not by the 30 s hold running out:
+        held = await asyncio.wait_for(asyncio.gather(seeder, first), 5)
+        answers = {1: held[0], 2: held[1], 3: last}
+        assert all("retry_after" not in a for a in answers.values())
+        assert answers[2]["sources"] == [pid(1)] and answers[3]["sources"] == [pid(2)]
+        assert answers[1]["stripes"] == 1 and pid(2) in ids(answers[1])
+
+    # A long hold, so that only the last peer's arrival can have released the others.
+    hold = TrackerConfig(intervals=IntervalConfig(gather_hold=30))
+    tracker_test(body, tmp_path / "t.db", config=hold)
+
+
+def test_a_held_peer_counts_as_alive_from_its_answer_not_its_request(tmp_path: Path) -> None:
+    async def body(t: RunningTracker, s: Session, clock: FakeClock) -> None:
+        await register(t, s, expected=2)
+        first = asyncio.create_task(ok(t, s, request(2, clock, event="started")))
+        await asyncio.sleep(0.2)
+        clock.advance(2.5)  # a long hold: longer than the 1 s interval at its request
+        await ok(t, s, request(3, clock, event="started"))
+        answer = await asyncio.wait_for(first, 5)
+        # Its next announce is due an interval after the answer; until then it is alive.
+        clock.advance(3 * answer["interval"] - 0.5)
+        later = await ok(t, s, request(3, clock))
+        assert later["stats"]["peers"] == 2 and pid(2) in ids(later)
+
+    tracker_test(
+        body, tmp_path / "t.db", config=TrackerConfig(intervals=IntervalConfig(gather_hold=30))
+    )
+
+
+def test_a_held_announce_is_answered_after_the_hold_if_the_fleet_is_still_missing(
+    tmp_path: Path,
+) -> None:
+    async def body(t: RunningTracker, s: Session, clock: FakeClock) -> None:
+        await register(t, s, expected=5)
+        answer = await ok(t, s, request(2, clock, event="started"))
+        assert answer["peers"] == [] and 0 < answer["retry_after"] < 1
+
+    hold = TrackerConfig(intervals=IntervalConfig(gather_hold=0.2))
+    tracker_test(body, tmp_path / "t.db", config=hold)
 
 
 def test_a_tracker_without_relay_plans_hands_out_no_sources(tmp_path: Path) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import random
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -277,3 +278,10 @@ def test_config_refuses_a_mesh() -> None:
             continue
         raise AssertionError(f"accepted {bad}")
     assert HandoutConfig.for_degree(8) == HandoutConfig()
+
+
+def test_interval_config_refuses_nonsense() -> None:
+    for bad in ({"gather_poll": 0}, {"gather_timeout": -1}, {"gather_hold": -0.5}):
+        with pytest.raises(ValueError):
+            IntervalConfig(**bad)  # type: ignore[arg-type]
+    assert IntervalConfig(gather_hold=0).gather_hold == 0  # 0: answer at once

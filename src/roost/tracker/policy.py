@@ -322,6 +322,8 @@ class IntervalConfig:
     filling_interval: int = 1  # while fewer peers than expected have joined (plans change)
     gather_poll: float = 0.2  # seconds between announces while the tracker gathers the fleet
     gather_timeout: float = 3.0  # seconds a swarm waits for its expected peers, at most
+    gather_hold: float = 1.0  # seconds an announce is held while gathering (answered at once
+    # when the fleet is in), so every peer learns the plan together instead of at its next poll
     incomplete_max: int = 15
     max_interval: int = 60
     ramp: float = 0.1  # seconds of interval per second of swarm age, while incomplete
@@ -334,6 +336,8 @@ class IntervalConfig:
             raise ValueError("need 1 <= min_interval <= incomplete_max <= max_interval")
         if not 0 < self.gather_poll <= self.filling_interval or self.gather_timeout < 0:
             raise ValueError("need 0 < gather_poll <= filling_interval and gather_timeout >= 0")
+        if self.gather_hold < 0:
+            raise ValueError("gather_hold must be >= 0")
         if self.ramp < 0 or self.max_announce_rate <= 0:
             raise ValueError("ramp must be >= 0 and max_announce_rate > 0")
 

@@ -106,6 +106,7 @@ class Tracker:
         self.rng = rng or random.Random()
         self._admin_token = admin_token.encode()
         self._plans: dict[str, tuple[int, RelayPlan]] = {}  # swarm -> (membership key, plan)
+        self._fleet_in: dict[str, asyncio.Event] = {}  # swarm -> set when gathering ends
 
     # -- admin --
 
@@ -138,6 +139,8 @@ class Tracker:
     def forget(self, swarm: str) -> None:
         if not self.store.forget(_swarm_id_or_400(swarm)):
             raise Refused(404, f"unknown swarm {swarm}")
+        self._plans.pop(swarm, None)
+        self._fleet_in.pop(swarm, None)
 
     # -- announce --
 
@@ -179,6 +182,36 @@ class Tracker:
         if stopped is not None and req.time <= stopped:
             raise Refused(403, "announce older than this peer's 'stopped' (replayed?)")
 
+    async def announce_held(self, body: bytes, signature: str | None) -> AnnounceResponse:
+        """``announce``, but while the fleet gathers the answer waits for it to be in.
+
+        Held at most ``gather_hold`` seconds (real time), and answered the moment
+        the last expected peer joins: every peer learns the plan together instead
+        of up to ``gather_poll`` later at its next announce, which a peer never
+        makes up (its sources serve their other children at the same pace).
+        """
+        response = self.announce(body, signature)
+        hold = self.config.intervals.gather_hold
+        if response.retry_after is None or hold <= 0:
+            return response
+        req = parse_request(body)  # valid: ``announce`` accepted it
+        fleet_in = self._fleet_in.setdefault(req.swarm, asyncio.Event())
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(fleet_in.wait(), hold)
+        swarm = self.store.swarm(req.swarm)
+        now = self.clock()
+        record = swarm.peers.get(req.peer) if swarm is not None else None
+        if swarm is None or record is None or now >= record.expires_at:
+            return response  # forgotten or gone meanwhile: the first answer stands
+        live = swarm.live_peers(now)
+        complete, interval = self._pace(swarm, live, now)
+        # The peer's next announce is due ``interval`` after this answer, not after its
+        # request: count its liveness from now, or a long hold makes it expire early.
+        record = record.replace(expires_at=now + self.config.timeout_factor * interval)
+        self.store.put_peer(swarm, record)
+        live = [p for p in live if p.peer != record.peer] + [record]
+        return self._answer(swarm, record, live, complete, interval, now)
+
     def _update(self, swarm: SwarmRecord, req: AnnounceRequest, now: float) -> AnnounceResponse:
         old = swarm.peers.get(req.peer)
         returning = old is not None and now < old.expires_at  # a timed-out peer joins anew
@@ -191,10 +224,25 @@ class Tracker:
         record = record.replace(expires_at=now + self.config.timeout_factor * interval)
         self.store.put_peer(swarm, record)
         live[-1] = record
+        return self._answer(swarm, record, live, complete, interval, now)
+
+    def _answer(
+        self,
+        swarm: SwarmRecord,
+        record: PeerRecord,
+        live: list[PeerRecord],
+        complete: bool,
+        interval: int,
+        now: float,
+    ) -> AnnounceResponse:
+        """What ``record``'s peer is told: wait for the fleet, or its neighbours and plan."""
         if self._gathering(swarm, live, now):
             return _response(
                 swarm, live, [], complete, interval, retry_after=self.config.intervals.gather_poll
             )
+        fleet_in = self._fleet_in.pop(swarm.swarm, None)
+        if fleet_in is not None:
+            fleet_in.set()  # release the announces held while gathering
         plan = self._plan(swarm, live)
         chosen = select_neighbours(
             record, live, self.rng, now=now, config=self.config.handout, plan=plan
@@ -407,7 +455,7 @@ async def _register(request: web.Request) -> web.Response:
 
 async def _announce(request: web.Request) -> web.Response:
     tracker = request.app[TRACKER]
-    response = tracker.announce(await _body(request), request.headers.get(AUTH_HEADER))
+    response = await tracker.announce_held(await _body(request), request.headers.get(AUTH_HEADER))
     return web.Response(body=response.to_bytes(), content_type="application/json")
 
 
