@@ -28,11 +28,13 @@ from pathlib import Path
 from typing import Callable
 
 import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
 
 from roost.runtime import peer as peer_module
 from roost.runtime import picker
 from roost.runtime import protocol as wire
-from roost.runtime.announce import fetch_status
+from roost.runtime.announce import AnnounceResponse, fetch_status
 from roost.runtime.manifest import Manifest
 from roost.runtime.pack import pack
 from roost.runtime.peer import Engine, EngineConfig, Pieces, keep_new_connection
@@ -489,6 +491,65 @@ def test_both_ends_of_a_doubled_connection_keep_the_same_one() -> None:
     # A peer dials again only once it has dropped its old connection: the new one wins.
     assert keep_new_connection(low, high, True, True)
     assert keep_new_connection(high, low, False, False)
+
+
+def test_a_peer_asks_nobody_for_pieces_before_the_trackers_first_answer(tmp_path: Path) -> None:
+    """Until the tracker has answered, a plan may be coming (while the fleet gathers, the
+    tracker holds announces), and peers that already have theirs connect meanwhile: pieces
+    asked of them now would be sent twice or cancelled. With no tracker to reach, the
+    peers it knows are enough."""
+    src = make_release(tmp_path / "src", big=[1 << 20], small=5, seed=9)
+    manifest = pack(str(src))
+    secret = os.urandom(32)
+    store = Store.open(str(tmp_path / "dest"), create=True)
+    answer_now = asyncio.Event()
+
+    async def held_announce(_: web.Request) -> web.Response:
+        await answer_now.wait()
+        answer = AnnounceResponse(peers=(), interval=60, swarm_complete=False, stats={})
+        return web.Response(body=answer.to_bytes(), content_type="application/json")
+
+    async def fetch(seeder: Engine, tracker: str) -> tuple[Engine, asyncio.Future]:
+        staging = store.stage(manifest)
+        pieces = Pieces(staging.root, manifest, complete=False, write=staging.write_verified_piece)
+        config = EngineConfig(
+            secret=secret, tracker=tracker, peers=[("127.0.0.1", seeder.port)], linger=0.0
+        )
+        engine = Engine(manifest, pieces, config)
+        return engine, asyncio.ensure_future(engine.run())
+
+    async def scenario() -> None:
+        app = web.Application()
+        app.router.add_post("/v1/announce", held_announce)
+        seeder_config = EngineConfig(secret=secret, linger=600.0, seeder=True)
+        seeder = Engine(manifest, Pieces(str(src), manifest, complete=True), seeder_config)
+        seeder_run = asyncio.ensure_future(seeder.run())
+        runs = [seeder_run]
+        try:
+            await _until(lambda: seeder.port != 0)
+            async with TestServer(app, host="127.0.0.1") as tracker:
+                waiting, run = await fetch(seeder, f"http://127.0.0.1:{tracker.port}")
+                runs.append(run)
+
+                def knows_all() -> bool:  # the seeder's Bitfield has come
+                    full = manifest.piece_count
+                    return any(n.has.count(1) == full for n in waiting.neighbours.values())
+
+                await asyncio.wait_for(_until(knows_all), 30)
+                assert not any(n.downloads for n in waiting.neighbours.values())
+                assert seeder.stats.uploaded == 0
+                answer_now.set()
+                assert (await asyncio.wait_for(run, 60)).completed is not None
+            # A tracker that cannot be reached: the peer fetches from the peers it knows.
+            _, run = await fetch(seeder, f"http://127.0.0.1:{free_port()}")
+            runs.append(run)
+            assert (await asyncio.wait_for(run, 60)).completed is not None
+        finally:
+            for task in runs:
+                task.cancel()
+            await asyncio.gather(*runs, return_exceptions=True)
+
+    asyncio.run(scenario())
 
 
 def test_an_outbox_sends_messages_first_and_uploads_lowest_piece_first() -> None:

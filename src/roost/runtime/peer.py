@@ -287,7 +287,10 @@ class Engine:
         self._haves: list[int] = []  # pieces verified since the last Have batch
         # The tracker is still gathering the fleet (see announce ``retry_after``): ask
         # nobody for anything until it has planned, or the plan would start too late.
-        self._gathering = False
+        # Before its first answer a plan may be coming too: peers that already have
+        # theirs connect meanwhile, and pieces asked of the origin now would be sent
+        # twice or cancelled. (No tracker, or none reachable: a plain swarm.)
+        self._gathering = bool(config.tracker)
         self.ordered_uploads = False  # a seeder, told by the tracker that there is a plan
         self._upload_done: asyncio.Event | None = None  # an upload ended (made in run())
         self._failure: BaseException | None = None
@@ -413,6 +416,9 @@ class Engine:
                 delay = announce.backoff_delay(attempt, self.rng)
                 attempt += 1
                 log.info("tracker unavailable (%s); retrying in %.1f s", exc, delay)
+                if self._gathering:  # no plan is coming: fetch from the peers we know
+                    self._gathering = False
+                    self._refill_all()
                 await self._sleep_or_complete(delay, reported_complete)
                 if self.completed and not reported_complete:
                     event, reported_complete = "completed", True
