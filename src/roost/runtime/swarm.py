@@ -23,6 +23,11 @@ from roost.runtime.peer import Engine, EngineConfig, Pieces, StalledError, Stats
 from roost.runtime.store import Release, Store, check_keep, check_release_name
 
 SECRET_BYTES = 32
+# SIGTERM and Ctrl-C stop the engine the way the controller going away does: it closes
+# its connections and tells the tracker it stopped, and the command ends as interrupted.
+# (Raised at an arbitrary point instead, KeyboardInterrupt left coroutines half-run, and
+# asyncio printed their tracebacks.)
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 def read_secret(path: str | None) -> bytes:
@@ -219,13 +224,6 @@ def _run(engine: Engine, events: EventLog, stop_on_eof: BinaryIO | None = None) 
     if signalled:
         raise KeyboardInterrupt
     return stats
-
-
-# SIGTERM and Ctrl-C stop the engine the way the controller going away does: it closes
-# its connections and tells the tracker it stopped, and the command ends as interrupted.
-# (Raised at an arbitrary point instead, KeyboardInterrupt left coroutines half-run, and
-# asyncio printed their tracebacks.)
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 def _stop_on_signal(engine: Engine, signalled: list[int], signum: int) -> None:
