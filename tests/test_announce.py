@@ -356,6 +356,7 @@ def test_http_answers_are_framed_however_they_arrive(raw: bytes, body: bytes, si
         (b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\nshort", "in the middle"),
         (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nab", "in the middle"),
         (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", "bad chunk size"),
+        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n-5\r\nab", "bad chunk size"),
         (b"HTTP/1.1 200 OK\r\nContent-Le", "before the answer's headers"),
     ],
 )

@@ -529,9 +529,10 @@ class HTTPResponse:
         self.status: int | None = None
         self.body = b""
         self.complete = False
-        self._buffer = bytearray()
+        self._buffer = bytearray()  # received, not yet part of the body (chunked: decoded)
         self._length: int | None = None  # Content-Length, if given
         self._chunked = False
+        self._decoded = bytearray()  # the chunks received whole so far
 
     def feed(self, data: bytes) -> None:
         if self.complete:
@@ -548,7 +549,8 @@ class HTTPResponse:
                 return
             self._read_head(bytes(self._buffer[:head_end]))
             del self._buffer[: head_end + 4]
-        if len(self._buffer) > self.limit + (MAX_RESPONSE_HEAD if self._chunked else 0):
+        received = len(self._decoded) + len(self._buffer)
+        if received > self.limit + (MAX_RESPONSE_HEAD if self._chunked else 0):
             raise MalformedMessage(f"tracker answer larger than {self.limit} bytes")
         body = self._body(end_of_stream)
         if body is not None:
@@ -578,7 +580,7 @@ class HTTPResponse:
     def _body(self, end_of_stream: bool) -> bytes | None:
         """The whole body once it has arrived, else None (an error at the end of the stream)."""
         if self._chunked:
-            body = _dechunk(self._buffer)
+            body = bytes(self._decoded) if self._take_chunks() else None
         elif self._length is not None:
             body = (
                 bytes(self._buffer[: self._length]) if len(self._buffer) >= self._length else None
@@ -589,27 +591,24 @@ class HTTPResponse:
             raise BadHTTP("connection closed in the middle of the answer")
         return body
 
-
-def _dechunk(data: bytearray) -> bytes | None:
-    """A chunked body decoded, or None while its last chunk has not arrived."""
-    body = bytearray()
-    at = 0
-    while True:
-        line_end = data.find(b"\r\n", at)
-        if line_end < 0:
-            return None
-        size_field = bytes(data[at:line_end]).partition(b";")[0].strip()
-        try:
+    def _take_chunks(self) -> bool:
+        """Move the chunks received whole into the decoded body (each byte once, however
+        the answer is split); True once the last chunk and its trailers have come."""
+        while True:
+            line_end = self._buffer.find(b"\r\n")
+            if line_end < 0:
+                return False
+            size_field = bytes(self._buffer[:line_end]).partition(b";")[0].strip()
+            if not size_field or size_field.strip(b"0123456789abcdefABCDEF"):
+                raise BadHTTP(f"bad chunk size: {size_field[:20]!r}")
             size = int(size_field, 16)
-        except ValueError:
-            raise BadHTTP(f"bad chunk size: {size_field[:20]!r}") from None
-        if size == 0:  # the last chunk; the trailers end with an empty line
-            return bytes(body) if data.find(b"\r\n\r\n", line_end) >= 0 else None
-        start = line_end + 2
-        if len(data) < start + size + 2:
-            return None
-        body += data[start : start + size]
-        at = start + size + 2
+            if size == 0:  # the last chunk; the trailers end with an empty line
+                return self._buffer.find(b"\r\n\r\n", line_end) >= 0
+            end = line_end + 2 + size
+            if len(self._buffer) < end + 2:
+                return False
+            self._decoded += self._buffer[line_end + 2 : end]
+            del self._buffer[: end + 2]
 
 
 def _reason(data: bytes) -> str:
