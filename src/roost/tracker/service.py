@@ -203,27 +203,29 @@ class Tracker:
         record = swarm.peers.get(req.peer) if swarm is not None else None
         if swarm is None or record is None or now >= record.expires_at:
             return response  # forgotten or gone meanwhile: the first answer stands
-        live = swarm.live_peers(now)
-        complete, interval = self._pace(swarm, live, now)
         # The peer's next announce is due ``interval`` after this answer, not after its
         # request: count its liveness from now, or a long hold makes it expire early.
-        record = record.replace(expires_at=now + self.config.timeout_factor * interval)
-        self.store.put_peer(swarm, record)
-        live = [p for p in live if p.peer != record.peer] + [record]
-        return self._answer(swarm, record, live, complete, interval, now)
+        others = [p for p in swarm.live_peers(now) if p.peer != record.peer]
+        return self._renew(swarm, record, others, now)
 
     def _update(self, swarm: SwarmRecord, req: AnnounceRequest, now: float) -> AnnounceResponse:
         old = swarm.peers.get(req.peer)
         returning = old is not None and now < old.expires_at  # a timed-out peer joins anew
         record = _record(req, now, first_seen=old.first_seen if returning else now)
-        live = [p for p in swarm.live_peers(now) if p.peer != req.peer]
-        live.append(record)
         if not record.seeder and is_complete(record):
             self.store.record_completion(swarm, record.peer, now)
+        others = [p for p in swarm.live_peers(now) if p.peer != req.peer]
+        return self._renew(swarm, record, others, now)
+
+    def _renew(
+        self, swarm: SwarmRecord, record: PeerRecord, others: list[PeerRecord], now: float
+    ) -> AnnounceResponse:
+        """Pace the swarm, keep ``record``'s peer alive until its next announce is overdue,
+        store it, and answer it; ``others`` are the other live peers."""
+        live = [*others, record]
         complete, interval = self._pace(swarm, live, now)
-        record = record.replace(expires_at=now + self.config.timeout_factor * interval)
+        live[-1] = record = record.replace(expires_at=now + self.config.timeout_factor * interval)
         self.store.put_peer(swarm, record)
-        live[-1] = record
         return self._answer(swarm, record, live, complete, interval, now)
 
     def _answer(
