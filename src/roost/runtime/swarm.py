@@ -189,6 +189,7 @@ def _activate_and_prune(store: Store, name: str, activate: bool, keep: int | Non
 
 def _run(engine: Engine, events: EventLog, stop_on_eof: BinaryIO | None = None) -> Stats:
     signalled: list[int] = []
+    on_main_thread = threading.current_thread() is threading.main_thread()  # signals: only there
 
     async def main() -> Stats:
         loop = asyncio.get_running_loop()
@@ -200,7 +201,7 @@ def _run(engine: Engine, events: EventLog, stop_on_eof: BinaryIO | None = None) 
                 loop.call_soon_threadsafe(engine.stop)
 
             threading.Thread(target=watch, name="roost-stdin", daemon=True).start()
-        if threading.current_thread() is threading.main_thread():
+        if on_main_thread:
             for signum in STOP_SIGNALS:
                 loop.add_signal_handler(signum, _stop_on_signal, engine, signalled, signum)
         return await engine.run()
@@ -217,7 +218,7 @@ def _run(engine: Engine, events: EventLog, stop_on_eof: BinaryIO | None = None) 
             raise KeyboardInterrupt from None
         raise RoostError(f"{exc}: the controller went away") from None
     finally:
-        if threading.current_thread() is threading.main_thread():
+        if on_main_thread:
             for signum, handler in handlers.items():  # the loop left them at their defaults
                 signal.signal(signum, handler)
     events.emit("done", **_counts(stats))
