@@ -15,6 +15,7 @@ from roost.runtime.picker import (
     pick_endgame,
     pick_pieces,
     pick_relay,
+    pick_tail,
     stripe_allowed,
 )
 
@@ -208,6 +209,41 @@ def test_pick_relay_asks_for_the_first_missing_pieces_of_its_stripes_in_order() 
 def test_pick_relay_ignores_what_the_source_holds() -> None:
     """Asking ahead: the source answers once it has the piece, so its bitfield is moot."""
     assert pick_relay(bytearray([1, 1, 1]), [0, 0, 0], (1, frozenset({0})), 2) == [0, 1]
+
+
+def test_pick_tail_takes_the_last_missing_pieces_first_and_unasked_ones_before_others() -> None:
+    """A relay source sends its stripe from the lowest missing piece up: a complete
+    neighbour helping with the tail starts from the other end."""
+    missing = bytearray([0, 1, 1, 1, 1, 1, 1, 1])
+    has = [1] * 8
+    requested = [0, 1, 1, 1, 1, 0, 0, 0]  # 1-4 asked of the source, ahead
+    assert pick_tail(missing, has, requested, set(), 2) == [7, 6]
+    assert pick_tail(missing, has, requested, set(), 5) == [7, 6, 5, 4, 3]
+    assert pick_tail(missing, has, requested, {7}, 2) == [6, 5]  # not asked of it twice
+    requested[7] = ENDGAME_MAX_DUPLICATES  # raced enough already
+    assert pick_tail(missing, has, requested, set(), 9) == [6, 5, 4, 3, 2, 1]
+    assert pick_tail(missing, [1] * 4 + [0] * 4, requested, set(), 9) == [3, 2, 1]
+    assert pick_tail(missing, has, requested, set(), 0) == []
+
+
+@given(
+    st.lists(st.tuples(st.booleans(), st.booleans(), st.integers(0, 3)), max_size=64),
+    st.sets(st.integers(0, 63)),
+    st.integers(0, 70),
+)
+def test_pick_tail_properties(rows, asked, count) -> None:
+    missing = bytearray(int(m) for m, _, _ in rows)
+    has = [int(h) for _, h, _ in rows]
+    requested = [r for _, _, r in rows]
+    chosen = pick_tail(missing, has, requested, asked, count)
+    allowed = [
+        i
+        for i in range(len(rows))
+        if missing[i] and has[i] and i not in asked and requested[i] < ENDGAME_MAX_DUPLICATES
+    ]
+    assert len(chosen) == min(count, len(allowed)) and set(chosen) <= set(allowed)
+    fresh = [i for i in chosen if not requested[i]]
+    assert chosen[: len(fresh)] == fresh == sorted(fresh, reverse=True)
 
 
 @given(

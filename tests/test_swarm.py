@@ -35,9 +35,10 @@ from roost.runtime import peer as peer_module
 from roost.runtime import picker
 from roost.runtime import protocol as wire
 from roost.runtime.announce import AnnounceResponse, fetch_status
+from roost.runtime.announce import Neighbour as Listed
 from roost.runtime.manifest import Manifest
 from roost.runtime.pack import pack
-from roost.runtime.peer import Engine, EngineConfig, Pieces, keep_new_connection
+from roost.runtime.peer import Engine, EngineConfig, Pieces, Stats, keep_new_connection
 from roost.runtime.store import Store
 from roost.runtime.swarm import write_secret
 from roost.runtime.tree import verify_tree
@@ -618,6 +619,69 @@ def test_an_origin_sending_in_order_is_not_held_up_by_a_request_out_of_order(
             await asyncio.gather(seeder_run, return_exceptions=True)
 
     asyncio.run(scenario())
+
+
+def test_a_lagging_relay_stripe_is_finished_by_a_complete_neighbour(tmp_path: Path) -> None:
+    """Late in a deploy most hosts are complete and their uplinks idle, while a host whose
+    relay source lags still gets that stripe at the source's pace. A complete neighbour
+    (not the origin) sends it the rest, starting from the last piece, so that the source,
+    which sends in piece order, and the helper do not send the same pieces."""
+    src = make_release(tmp_path / "src", big=[6 << 20], small=4, seed=12)
+    manifest = pack(str(src), piece_size=256 << 10)
+    secret = os.urandom(32)
+    store = Store.open(str(tmp_path / "dest"), create=True)
+
+    def complete(**options: object) -> Engine:
+        config = EngineConfig(secret=secret, linger=600.0, **options)  # type: ignore[arg-type]
+        return Engine(manifest, Pieces(str(src), manifest, complete=True), config)
+
+    origin = complete(seeder=True)
+    source = complete(upload_rate=256 << 10)  # a slow relay: the release would take 24 s
+    helper = complete()
+
+    async def announce(_: web.Request) -> web.Response:
+        listed = tuple(
+            Listed(e.config.peer_id.hex(), "127.0.0.1", e.port, e is origin, 0, None)
+            for e in (origin, source, helper)
+        )
+        answer = AnnounceResponse(
+            peers=listed,
+            interval=60,
+            swarm_complete=False,
+            stats={},
+            sources=(source.config.peer_id.hex(),),
+            stripes=1,
+        )
+        return web.Response(body=answer.to_bytes(), content_type="application/json")
+
+    async def scenario() -> Stats:
+        runs = [asyncio.ensure_future(e.run()) for e in (origin, source, helper)]
+        try:
+            await _until(lambda: all(e.port for e in (origin, source, helper)))
+            app = web.Application()
+            app.router.add_post("/v1/announce", announce)
+            async with TestServer(app, host="127.0.0.1") as tracker:
+                staging = store.stage(manifest)
+                pieces = Pieces(
+                    staging.root, manifest, complete=False, write=staging.write_verified_piece
+                )
+                url = f"http://127.0.0.1:{tracker.port}"
+                config = EngineConfig(secret=secret, tracker=url, linger=0.0)
+                fetcher = Engine(manifest, pieces, config)
+                runs.append(asyncio.ensure_future(fetcher.run()))
+                return await asyncio.wait_for(runs[-1], 60)
+        finally:
+            for task in runs:
+                task.cancel()
+            await asyncio.gather(*runs, return_exceptions=True)
+
+    stats = asyncio.run(scenario())
+    assert stats.completed is not None and stats.downloaded == manifest.total_size
+    assert origin.stats.uploaded == 0  # the origin's upload is left to the plan
+    assert helper.stats.uploaded > manifest.total_size / 2, "the helper did not take the tail"
+    assert source.stats.uploaded > 0, "the relay source sent nothing"
+    sent = source.stats.uploaded + helper.stats.uploaded
+    assert sent <= manifest.total_size + 8 * manifest.piece_size  # few pieces sent twice
 
 
 async def _until(predicate: Callable[[], bool]) -> None:

@@ -792,7 +792,9 @@ class Engine:
             self._on_block(neighbour, event)
         elif isinstance(event, wire.Have):
             self._mark_has(neighbour, event.pieces)
-            if any(self._worth_asking(i) for i in event.pieces):
+            if any(self._worth_asking(i) for i in event.pieces) or self._may_help_with_the_tail(
+                neighbour
+            ):
                 self._refill(neighbour)
         elif isinstance(event, wire.Bitfield):
             self._mark_has(neighbour, event.pieces())
@@ -1030,10 +1032,25 @@ class Engine:
                 self.rng,
                 swarm,
             )
+        if not chosen and self._may_help_with_the_tail(neighbour):
+            chosen = picker.pick_tail(
+                self.missing, neighbour.has, self.requested, set(neighbour.downloads), count
+            )
         cancelled = {r.piece for r in neighbour.conn.our_cancelled_requests}
         for index in chosen:
             if index not in cancelled:  # its earlier request is still being answered
                 self._request(neighbour, index)
+
+    def _may_help_with_the_tail(self, neighbour: Neighbour) -> bool:
+        """Whether to ask ``neighbour`` for pieces of relayed stripes (``picker.pick_tail``).
+
+        Late in a deploy most hosts are complete and their uplinks idle, while a host
+        whose relay source lags (its own source lagged, or it feeds slow children)
+        still receives that stripe at one stream's share of its downlink. A complete
+        neighbour, not a seeder, can send it the rest. Seeders are left alone: under a
+        plan the origin's upload is the fleet's, and it refuses pieces it already sent.
+        """
+        return bool(self.sources) and not neighbour.is_origin and neighbour.has.find(0) < 0
 
     def _cancel_download(self, neighbour: Neighbour, index: int) -> bool:
         """Withdraw our request for a piece from a neighbour, if there is one."""

@@ -125,6 +125,35 @@ def pick_endgame(
     return _rarest(_in_stripes(candidates, stripes), availability, count, rng)
 
 
+def pick_tail(
+    missing: bytes | bytearray,
+    neighbour_has: Sequence[int],
+    requested: Sequence[int],
+    asked_of_neighbour: set[int],
+    count: int,
+) -> list[int]:
+    """Pieces a complete neighbour could send us while a relay source lags: the last
+    missing ones first (nobody else asked for them yet, then those asked of one peer).
+
+    A relay source sends its stripe in piece order, so taking the other end keeps the
+    two from sending the same pieces, and a host whose stripe lags receives the rest
+    over its whole downlink instead of one stream's share of it.
+    """
+    if count <= 0:
+        return []
+    fresh: list[int] = []
+    raced: list[int] = []
+    i = missing.rfind(1)
+    while i >= 0 and len(fresh) < count:
+        if neighbour_has[i] and i not in asked_of_neighbour:
+            if not requested[i]:
+                fresh.append(i)
+            elif requested[i] < ENDGAME_MAX_DUPLICATES and len(raced) < count:
+                raced.append(i)
+        i = missing.rfind(1, 0, i)
+    return (fresh + raced)[:count]
+
+
 def _rarest(
     candidates: list[int], availability: Sequence[int], count: int, rng: random.Random
 ) -> list[int]:
