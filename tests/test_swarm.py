@@ -621,11 +621,15 @@ def test_an_origin_sending_in_order_is_not_held_up_by_a_request_out_of_order(
     asyncio.run(scenario())
 
 
-def test_a_lagging_relay_stripe_is_finished_by_a_complete_neighbour(tmp_path: Path) -> None:
+@pytest.mark.parametrize("helper_rack", ["r1", "r2"])
+def test_a_lagging_relay_stripe_is_finished_by_a_complete_neighbour(
+    tmp_path: Path, helper_rack: str
+) -> None:
     """Late in a deploy most hosts are complete and their uplinks idle, while a host whose
     relay source lags still gets that stripe at the source's pace. A complete neighbour
     (not the origin) sends it the rest, starting from the last piece, so that the source,
-    which sends in piece order, and the helper do not send the same pieces."""
+    which sends in piece order, and the helper do not send the same pieces. Only one of
+    the host's own rack, whose uplink the plan crosses once per byte."""
     src = make_release(tmp_path / "src", big=[6 << 20], small=4, seed=12)
     manifest = pack(str(src), piece_size=256 << 10)
     secret = os.urandom(32)
@@ -636,12 +640,13 @@ def test_a_lagging_relay_stripe_is_finished_by_a_complete_neighbour(tmp_path: Pa
         return Engine(manifest, Pieces(str(src), manifest, complete=True), config)
 
     origin = complete(seeder=True)
-    source = complete(upload_rate=256 << 10)  # a slow relay: the release would take 24 s
+    source = complete(upload_rate=1 << 20)  # a slow relay: the release would take 6 s
     helper = complete()
 
     async def announce(_: web.Request) -> web.Response:
+        racks = {origin: "r1", source: "r1", helper: helper_rack}
         listed = tuple(
-            Listed(e.config.peer_id.hex(), "127.0.0.1", e.port, e is origin, 0, None)
+            Listed(e.config.peer_id.hex(), "127.0.0.1", e.port, e is origin, 0, racks[e])
             for e in (origin, source, helper)
         )
         answer = AnnounceResponse(
@@ -666,7 +671,7 @@ def test_a_lagging_relay_stripe_is_finished_by_a_complete_neighbour(tmp_path: Pa
                     staging.root, manifest, complete=False, write=staging.write_verified_piece
                 )
                 url = f"http://127.0.0.1:{tracker.port}"
-                config = EngineConfig(secret=secret, tracker=url, linger=0.0)
+                config = EngineConfig(secret=secret, tracker=url, rack="r1", linger=0.0)
                 fetcher = Engine(manifest, pieces, config)
                 runs.append(asyncio.ensure_future(fetcher.run()))
                 return await asyncio.wait_for(runs[-1], 60)
@@ -678,6 +683,10 @@ def test_a_lagging_relay_stripe_is_finished_by_a_complete_neighbour(tmp_path: Pa
     stats = asyncio.run(scenario())
     assert stats.completed is not None and stats.downloaded == manifest.total_size
     assert origin.stats.uploaded == 0  # the origin's upload is left to the plan
+    if helper_rack != "r1":  # across racks: the source alone
+        assert helper.stats.uploaded == 0
+        assert source.stats.uploaded == manifest.total_size
+        return
     assert helper.stats.uploaded > manifest.total_size / 2, "the helper did not take the tail"
     assert source.stats.uploaded > 0, "the relay source sent nothing"
     sent = source.stats.uploaded + helper.stats.uploaded

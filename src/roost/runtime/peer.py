@@ -259,6 +259,7 @@ class Engine:
         self.neighbours: dict[bytes, Neighbour] = {}
         self.banned: set[bytes] = set()
         self.seeder_ids: set[bytes] = set()
+        self.rack_of: dict[bytes, str | None] = {}  # as the tracker lists each peer
         self.dialing: set[tuple[str, int]] = set()
         self.retry_at: dict[tuple[str, int], tuple[float, int]] = {}
         self.known: dict[tuple[str, int], bytes | None] = {a: None for a in config.peers}
@@ -430,6 +431,7 @@ class Engine:
                 peer_id = bytes.fromhex(peer.peer)
                 if peer.seeder:
                     self.seeder_ids.add(peer_id)
+                self.rack_of[peer_id] = peer.rack
                 if peer_id != self.config.peer_id:
                     self.known[(peer.addr, peer.port)] = peer_id
             self._dial_known()
@@ -1049,8 +1051,17 @@ class Engine:
         still receives that stripe at one stream's share of its downlink. A complete
         neighbour, not a seeder, can send it the rest. Seeders are left alone: under a
         plan the origin's upload is the fleet's, and it refuses pieces it already sent.
+        In a rack, only neighbours of the same rack help: the plan crosses each rack's
+        uplink once per byte, and the tail must not add to that.
         """
-        return bool(self.sources) and not neighbour.is_origin and neighbour.has.find(0) < 0
+        return (
+            bool(self.sources)
+            and not neighbour.is_origin
+            and (
+                self.config.rack is None or self.rack_of.get(neighbour.peer_id) == self.config.rack
+            )
+            and neighbour.has.find(0) < 0
+        )
 
     def _cancel_download(self, neighbour: Neighbour, index: int) -> bool:
         """Withdraw our request for a piece from a neighbour, if there is one."""
