@@ -715,21 +715,26 @@ def probe_main(argv: Sequence[str]) -> int:
     data = memoryview(os.urandom(PROBE_CHUNK))
     buf = bytearray(PROBE_CHUNK)
     received: dict[str, int] = {}
-    sockets = []
-    pending_connects = list(args.to)
+    # Connect now, while every link is idle, and send from ``go``: connecting at ``go``,
+    # a handshake could be dropped by a queue already full of the others' data and
+    # retried a second or more later, and with few flows per host (the mesh within a
+    # rack) one such flow left a host far below its link's rate.
+    outgoing = []
+    for target in args.to:
+        h, _, pt = target.rpartition(":")
+        s = socket.socket()
+        s.setblocking(False)
+        s.connect_ex((h, int(pt)))
+        outgoing.append(s)
+    sockets = list(outgoing)
     first: dict[str, int] | None = None
     t1 = t2 = 0.0
     while True:
         now = time.time()
-        if pending_connects and now >= go:
-            for target in pending_connects:
-                h, _, pt = target.rpartition(":")
-                s = socket.socket()
-                s.setblocking(False)
-                s.connect_ex((h, int(pt)))
+        if outgoing and now >= go:
+            for s in outgoing:
                 sel.register(s, selectors.EVENT_WRITE, "send")
-                sockets.append(s)
-            pending_connects = []
+            outgoing = []
         if first is None and now >= go + args.warmup:
             t1, first = now, dict(received)
         if now >= end:
