@@ -11,6 +11,10 @@ a few are left (the endgame, ``in_endgame``), ``pick_endgame`` lets an idle
 neighbour duplicate requests for pieces in flight elsewhere, so the last
 pieces never wait on one slow neighbour; the first copy to arrive wins and the
 others are cancelled.
+
+Under a relay plan, ``pick_relay`` asks each source for its stripes in order,
+ahead of time, and ``pick_tail`` lets a complete neighbour send the last
+pieces of a stripe whose source lags, from the other end.
 """
 
 from __future__ import annotations
