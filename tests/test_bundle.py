@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import io
 import json
 import os
@@ -10,6 +11,7 @@ import shutil
 import subprocess
 import zipfile
 from pathlib import Path
+from typing import Callable
 
 import pytest
 
@@ -59,11 +61,12 @@ def test_bundle_is_deterministic() -> None:
 
 def test_bundle_holds_only_the_runtime() -> None:
     package = Path(roost.__file__).resolve().parent
-    expected = {"__main__.py", "roost/__init__.py"} | {
+    sources = {"__main__.py", "roost/__init__.py"} | {
         f"roost/runtime/{p.name}"
         for p in (package / "runtime").glob("*.py")
         if p.name != "__main__.py"
     }
+    expected = sources | {name + "c" for name in sources}  # and their bytecode
     with zipfile.ZipFile(io.BytesIO(runtime_bundle().data)) as archive:
         names = set(archive.namelist())
         assert names == expected
@@ -88,6 +91,42 @@ def test_bundle_runs_isolated_on_the_host_python(bundle_file: Path) -> None:
     controller_only = run_bundle(bundle_file, "deploy", ".")  # the controller's, not shipped
     assert controller_only.returncode == 2
     assert "invalid choice: 'deploy'" in controller_only.stderr
+
+
+def test_bundle_runs_its_bytecode_or_else_its_source(tmp_path: Path) -> None:
+    """Python caches no bytecode for modules in a zip, so the bundle carries it: a host
+    with the controller's Python version runs it without compiling anything, and one
+    with another version (a foreign magic number) compiles the sources instead."""
+    magic = subprocess.run(
+        [HOST_PYTHON, "-c", "import importlib.util; print(importlib.util.MAGIC_NUMBER.hex())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    if magic != importlib.util.MAGIC_NUMBER.hex():
+        pytest.skip(f"{HOST_PYTHON} reads another bytecode version than the test's Python")
+
+    def variant(name: str, change: Callable[[str, bytes], bytes]) -> Path:
+        path = tmp_path / name
+        original = zipfile.ZipFile(io.BytesIO(runtime_bundle().data))
+        with original, zipfile.ZipFile(path, "w") as changed:
+            for info in original.infolist():
+                changed.writestr(info, change(info.filename, original.read(info)))
+        return path
+
+    def without_sources(name: str, data: bytes) -> bytes:
+        return b"raise SystemExit('compiled from source')\n" if name.endswith(".py") else data
+
+    def foreign_bytecode(name: str, data: bytes) -> bytes:
+        return b"\x00\x00\r\n" + data[4:] if name.endswith(".pyc") else data
+
+    for name, change in (("bytecode.pyz", without_sources), ("sources.pyz", foreign_bytecode)):
+        result = run_bundle(variant(name, change), "--version")
+        assert result.returncode == 0, (name, result.stderr)
+        assert result.stdout.strip() == f"roost {roost.__version__}"
+    neither = variant("neither.pyz", lambda n, d: foreign_bytecode(n, without_sources(n, d)))
+    broken = run_bundle(neither, "--version")
+    assert "compiled from source" in broken.stderr  # the check above can fail
 
 
 def test_bundle_packs_and_inspects(bundle_file: Path, tmp_path: Path) -> None:

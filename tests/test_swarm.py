@@ -24,6 +24,7 @@ import subprocess
 import sys
 import threading
 import time
+import types
 from pathlib import Path
 from typing import Callable
 
@@ -549,6 +550,54 @@ def test_a_peer_asks_nobody_for_pieces_before_the_trackers_first_answer(tmp_path
             for task in runs:
                 task.cancel()
             await asyncio.gather(*runs, return_exceptions=True)
+
+    asyncio.run(scenario())
+
+
+def test_under_a_new_plan_a_host_dials_its_relay_sources_before_the_rest(
+    tmp_path: Path,
+) -> None:
+    """At start-up the whole fleet shares the CPU, and a dozen handshakes per host ahead of
+    the first piece delayed the plan: a host under a new plan dials its relay sources only,
+    and the rest of the swarm once block data arrives, or MESH_DELAY after the plan came."""
+    src = make_release(tmp_path / "src", big=[1 << 20], small=2, seed=14)
+    manifest = pack(str(src))
+    staging = Store.open(str(tmp_path / "dest"), create=True).stage(manifest)
+    pieces = Pieces(staging.root, manifest, complete=False, write=staging.write_verified_piece)
+    source, first, second = (
+        (("10.0.0.1", 7000), os.urandom(16)),
+        *(((f"10.0.0.{i}", 7000), os.urandom(16)) for i in (2, 3)),
+    )
+
+    def fresh_engine(now: list[float]) -> tuple[Engine, list[tuple[str, int]]]:
+        engine = Engine(manifest, pieces, EngineConfig(secret=b"s" * 32), clock=lambda: now[0])
+        dialled: list[tuple[str, int]] = []
+
+        async def dial(address: tuple[str, int]) -> None:  # stays "dialling"
+            dialled.append(address)
+
+        engine._dial = dial  # type: ignore[method-assign]
+        engine.known = dict((source, first, second))
+        engine._set_plan((source[1].hex(),))
+        return engine, dialled
+
+    async def scenario() -> None:
+        everyone = [source[0], first[0], second[0]]
+        now = [100.0]
+        engine, dialled = fresh_engine(now)
+        engine._dial_known()
+        await asyncio.sleep(0)
+        assert dialled == [source[0]]
+        engine._on_block(types.SimpleNamespace(downloads={}), wire.Block(0, 0, b"x"))
+        await asyncio.sleep(0)
+        assert dialled == everyone  # data flows: now the others
+        # No data yet, but the plan is MESH_DELAY old: the others too.
+        engine, dialled = fresh_engine(now)
+        engine._dial_known()
+        now[0] += peer_module.MESH_DELAY
+        engine._dial_known()
+        await asyncio.sleep(0)
+        assert dialled == everyone
 
     asyncio.run(scenario())
 

@@ -52,6 +52,10 @@ REJECT_PAUSE = 1.0  # seconds before re-asking a neighbour that rejected a reque
 SOURCE_GRACE = 3.0
 SOURCE_PATIENCE = 5.0
 RELAY_CHECK_EVERY = 0.5
+# Under a plan a host first dials only its relay sources, and the rest of the swarm once
+# block data arrives, or this long after the plan came: at start-up the whole fleet shares
+# the CPU, and a dozen handshakes per host ahead of the first piece delayed the plan.
+MESH_DELAY = 1.0
 # Verifying and writing (into the page cache) a piece this small takes less time inline
 # than handing it to a worker thread and back (two thread switches under the GIL);
 # larger ones go to workers, and so do a seeder's reads of its source tree.
@@ -292,6 +296,8 @@ class Engine:
         # theirs connect meanwhile, and pieces asked of the origin now would be sent
         # twice or cancelled. (No tracker, or none reachable: a plain swarm.)
         self._gathering = bool(config.tracker)
+        self._had_data = False  # any block received yet (see MESH_DELAY)
+        self._mesh_waiting = False  # peers left undialled for now (see MESH_DELAY)
         self.ordered_uploads = False  # a seeder, told by the tracker that there is a plan
         self._upload_done: asyncio.Event | None = None  # an upload ended (made in run())
         self._failure: BaseException | None = None
@@ -434,9 +440,9 @@ class Engine:
                 self.rack_of[peer_id] = peer.rack
                 if peer_id != self.config.peer_id:
                     self.known[(peer.addr, peer.port)] = peer_id
-            self._dial_known()
             gathering, self._gathering = self._gathering, response.retry_after is not None
             self._set_plan(response.sources)
+            self._dial_known()
             self.ordered_uploads = self.config.seeder and response.stripes > 0
             if gathering and not self._gathering:
                 self._refill_all()  # the tracker has planned: start asking
@@ -459,7 +465,12 @@ class Engine:
     def _dial_known(self) -> None:
         now = self.clock()
         connected = {n.peer_id for n in self.neighbours.values()}
+        sources_only = self._dial_sources_only()
+        self._mesh_waiting = False
         for address, peer_id in self.known.items():
+            if sources_only and peer_id not in self.sources.values():
+                self._mesh_waiting = True
+                continue
             if len(self.neighbours) + len(self.dialing) >= self.config.max_connections:
                 return
             peer_id = peer_id or self.dialled.get(address)  # static --peer entries have no id
@@ -471,6 +482,11 @@ class Engine:
                 continue  # complete peers have nothing to fetch from the origin
             self.dialing.add(address)
             self._spawn(self._dial(address))
+
+    def _dial_sources_only(self) -> bool:
+        """Under a new plan, until block data arrives: dial relay sources, nobody else."""
+        new_plan = self.clock() - self._plan_at < MESH_DELAY
+        return bool(self.sources) and not self._had_data and new_plan
 
     async def _dial(self, address: tuple[str, int]) -> None:
         loop = asyncio.get_running_loop()
@@ -891,6 +907,10 @@ class Engine:
             self._refill(neighbour)
 
     def _on_block(self, neighbour: Neighbour, block: Any) -> None:
+        if not self._had_data:  # data flows: now the rest of the swarm (see MESH_DELAY)
+            self._had_data = True
+            if self._mesh_waiting:
+                self._dial_known()
         download = neighbour.downloads.get(block.piece)
         key = (block.offset, len(block.data))
         if download is None or key not in download.outstanding:
@@ -1162,6 +1182,8 @@ class Engine:
         while True:
             await asyncio.sleep(RELAY_CHECK_EVERY)
             self._check_sources()
+            if self._mesh_waiting and not self._dial_sources_only():  # MESH_DELAY passed
+                self._dial_known()
 
     def _request(self, neighbour: Neighbour, index: int) -> None:
         length = self.manifest.piece_length(index)
