@@ -7,6 +7,7 @@ import importlib.util
 import io
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import zipfile
@@ -18,6 +19,7 @@ import pytest
 import roost
 from roost.deploy import remote
 from roost.deploy.bundle import RuntimeBundle, runtime_bundle
+from roost.deploy.ssh import runtime_command
 
 MiB = 1024 * 1024
 HOST_PYTHON = shutil.which("python3", path="/usr/bin:/bin") or "python3"
@@ -127,6 +129,28 @@ def test_bundle_runs_its_bytecode_or_else_its_source(tmp_path: Path) -> None:
     neither = variant("neither.pyz", lambda n, d: foreign_bytecode(n, without_sources(n, d)))
     broken = run_bundle(neither, "--version")
     assert "compiled from source" in broken.stderr  # the check above can fail
+
+
+def test_the_runtime_command_ignores_the_hosts_python_setup(
+    bundle_file: Path, tmp_path: Path
+) -> None:
+    """The runtime needs nothing but the standard library: whatever PYTHONPATH or
+    site-packages hold on the host cannot shadow its modules."""
+    shadow = tmp_path / "shadow"
+    shadow.mkdir()
+    (shadow / "json.py").write_text("raise SystemExit('a shadowing json was imported')\n")
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "PYTHONPATH": str(shadow)}
+
+    def run(command: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            ["sh", "-c", command], env=env, capture_output=True, text=True, timeout=60
+        )
+
+    isolated = run(runtime_command(str(bundle_file), ["--version"]))
+    assert isolated.returncode == 0, isolated.stderr
+    assert isolated.stdout.strip() == f"roost {roost.__version__}"
+    plain = run(f"python3 {shlex.quote(str(bundle_file))} --version")
+    assert "a shadowing json was imported" in plain.stderr  # the check above can fail
 
 
 def test_bundle_packs_and_inspects(bundle_file: Path, tmp_path: Path) -> None:

@@ -34,7 +34,7 @@ from roost.deploy import remote
 from roost.deploy.bundle import runtime_bundle
 from roost.deploy.inventory import Host
 from roost.deploy.report import HostState, Reporter
-from roost.deploy.ssh import SSH, CommandResult, python_command, quote_path
+from roost.deploy.ssh import SSH, CommandResult, python_command, quote_path, runtime_command
 from roost.runtime import announce
 from roost.runtime.errors import RoostError
 from roost.runtime.manifest import Manifest
@@ -322,7 +322,7 @@ async def _fetch(
         args.append("--activate")
     if as_seeder:
         args.append("--serve-as-seeder")  # then an origin for the others, until stdin closes
-    command = " ".join(["python3", quote_path(probe.runtime), *map(shlex.quote, args)])
+    command = runtime_command(probe.runtime, args)
     async with limit:
         process = await fleet.ssh.start(host, command)
         fleet.fetches[host.name] = process
@@ -389,8 +389,7 @@ async def _activate_all_or_nothing(
         args = ["activate", fleet.plan.dest, release]
         if keep is not None:
             args += ["--keep", str(keep)]
-        runtime = quote_path(fleet.probes[host.name].runtime)
-        command = " ".join(["python3", runtime, *map(shlex.quote, args)])
+        command = runtime_command(fleet.probes[host.name].runtime, args)
         async with limit:  # what it replaces comes first, to switch back to if need be
             return await fleet.ssh.run(host, f'echo "was=$(readlink {link})"; exec {command}')
 
@@ -477,8 +476,7 @@ async def run_on_hosts(
                 probe = await ensure_runtime(ssh, host)
             except HostFailure as exc:
                 return 255, str(exc)
-            command = " ".join(["python3", quote_path(probe.runtime), *map(shlex.quote, args)])
-            result = await ssh.run(host, command)
+            result = await ssh.run(host, runtime_command(probe.runtime, args))
         if result.code != 0:
             return result.code, result.error_line
         lines = result.stdout.decode("utf-8", "replace").strip().splitlines()

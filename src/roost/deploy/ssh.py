@@ -16,6 +16,7 @@ import os
 import shlex
 import shutil
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from roost.deploy.inventory import Host
@@ -163,6 +164,17 @@ class SSH:
 def python_command(script: str, *args: str) -> str:
     """A remote shell command that runs a Python snippet with the host's python3."""
     return " ".join(shlex.quote(a) for a in ("python3", "-c", script, *args))
+
+
+def runtime_command(runtime: str, args: Sequence[str]) -> str:
+    """A remote shell command that runs the runtime zipapp at ``runtime``.
+
+    Isolated from the host's Python setup (``-I``: no ``PYTHON*`` variables, no
+    user site; ``-S``: no site-packages), which the standard-library-only
+    runtime does not need: nothing installed on the host can shadow its
+    modules, and it starts faster.
+    """
+    return " ".join(["python3", "-I", "-S", quote_path(runtime), *map(shlex.quote, args)])
 
 
 def quote_path(path: str) -> str:
