@@ -13,6 +13,7 @@ import stat
 import subprocess
 import sys
 import textwrap
+import threading
 from pathlib import Path
 
 import pytest
@@ -22,7 +23,7 @@ from conftest import SRC, pack_tree, write_tree
 from roost.cli import main as roost_main
 from roost.runtime.errors import IntegrityError, StoreError
 from roost.runtime.manifest import Manifest
-from roost.runtime.store import Store, install
+from roost.runtime.store import Staging, Store, install
 from roost.runtime.tree import TreeSource, read_piece, verify_tree
 
 PIECE = 16 * 1024
@@ -227,6 +228,44 @@ def test_staging_checks_pieces_and_completeness(store, releases):
         root = staging.root
     assert not os.path.exists(root)
     assert listing(store._meta("staging")) == []
+
+
+def test_pieces_written_from_two_threads_at_once_all_land(store, tmp_path):
+    """The peer writes pieces over 256 KiB on two worker threads: two pieces of one new
+    file (or of two new files in one new directory) may be written at the same moment,
+    and each must find the file created once, not fail on the other's creation."""
+    src = write_tree(
+        tmp_path / "wide",
+        {f"d{d}/f{f}": os.urandom(3 * PIECE // 2) for d in range(30) for f in range(3)},
+    )
+    manifest = pack_tree(src, piece_size=PIECE)
+    pieces = [read_piece(str(src), manifest, i) for i in range(manifest.piece_count)]
+
+    def write(staging: Staging, indexes: range, failures: list[BaseException]) -> None:
+        for i in indexes:
+            try:
+                staging.write_verified_piece(i, pieces[i])
+            except BaseException as exc:  # reported by the assert below
+                failures.append(exc)
+
+    for _ in range(3):
+        with store.locked():
+            staging = store.stage(manifest)
+        failures: list[BaseException] = []
+        threads = [
+            threading.Thread(
+                target=write, args=(staging, range(start, manifest.piece_count, 2), failures)
+            )
+            for start in (0, 1)
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert failures == []
+        staging.finish()
+        assert verify_tree(staging.root, manifest) == []
+        staging.abandon()
 
 
 def test_progress_reports_every_byte(store, releases):

@@ -120,6 +120,26 @@ def test_eight_peers_fetch_a_64_mib_release_byte_for_byte(swarm: Swarm, tmp_path
     assert swarm.seeder is not None and swarm.seeder.running()
 
 
+def test_pieces_over_the_inline_limit_are_stored_by_workers_byte_for_byte(
+    swarm: Swarm, tmp_path: Path
+) -> None:
+    """Pieces larger than INLINE_WORK_LIMIT are verified and written on two worker
+    threads, so two pieces of one new file can be stored at the same moment (each peer
+    gets four stripes from four sources). Every peer still completes, byte for byte."""
+    src = make_release(tmp_path / "src", big=[5 * MiB + 3, 7 * MiB], small=200, seed=15)
+    manifest = swarm.release(src, piece_size=MiB)
+    assert manifest.piece_size > peer_module.INLINE_WORK_LIMIT
+    swarm.start_tracker(expected_peers=8)
+    swarm.start_seeder()
+    peers = [swarm.fetch(linger=2.0) for _ in range(8)]
+
+    done = [swarm.finish(peer) for peer in peers]
+
+    for peer, stats in zip(peers, done):
+        assert_installed(peer, manifest, src)
+        assert stats["downloaded"] == manifest.total_size
+
+
 def test_peers_that_join_after_others_completed_still_complete(
     swarm: Swarm, release_16: Path
 ) -> None:

@@ -32,6 +32,7 @@ import re
 import secrets
 import shutil
 import stat
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager, suppress
@@ -377,6 +378,9 @@ class Staging:
         self.have = bytearray(manifest.piece_count)
         self._created: set[str] = set()  # files written to at least once
         self._made = {""}  # directories created so far ("" is the root)
+        # Pieces are written from two threads at once (the peer's workers): two pieces
+        # of one new file must not both create it, nor two files their directory.
+        self._creating = threading.Lock()
         try:
             self._prepare()
         except BaseException:
@@ -440,15 +444,18 @@ class Staging:
         path = self._path(entry.path)
         if entry.path in self._created:
             return os.open(path, _WRITE_FLAGS)
-        self._make_parents(entry.path)
-        fd = os.open(path, _WRITE_FLAGS | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            os.fchmod(fd, entry.mode | stat.S_IWUSR)
-        except BaseException:
-            os.close(fd)
-            raise
-        self._created.add(entry.path)
-        return fd
+        with self._creating:
+            if entry.path in self._created:  # created by the other thread meanwhile
+                return os.open(path, _WRITE_FLAGS)
+            self._make_parents(entry.path)
+            fd = os.open(path, _WRITE_FLAGS | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                os.fchmod(fd, entry.mode | stat.S_IWUSR)
+            except BaseException:
+                os.close(fd)
+                raise
+            self._created.add(entry.path)  # only once it exists with its mode
+            return fd
 
     def finish(self) -> None:
         """Create empty files, settle modes, create symlinks and empty directories, check."""
