@@ -7,8 +7,8 @@ cache it under that hash and are sent nothing when they already hold it.
 Each module is shipped as source and as bytecode for the controller's Python
 (``.pyc`` beside the ``.py``, which ``zipimport`` prefers): Python cannot cache
 bytecode of modules imported from a zip, so without it every start of the
-runtime compiled it all again (~110 ms of CPU, as much as the rest of the
-start-up). A host with another Python version sees a foreign magic number in
+runtime compiled it all again (50–110 ms of CPU, measured: about as much as
+the rest of the start-up). A host with another Python version sees a foreign magic number in
 the ``.pyc`` and compiles the source instead.
 """
 
