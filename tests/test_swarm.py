@@ -690,14 +690,15 @@ def test_an_origin_sending_in_order_is_not_held_up_by_a_request_out_of_order(
     asyncio.run(scenario())
 
 
-@pytest.mark.parametrize("helper_rack", ["r1", "r2"])
-def test_a_lagging_relay_stripe_is_finished_by_a_complete_neighbour(
-    tmp_path: Path, helper_rack: str
+@pytest.mark.parametrize("helper_racks", [("r1",), ("r2",), ("r1", "r1")])
+def test_a_lagging_relay_stripe_is_finished_by_complete_neighbours(
+    tmp_path: Path, helper_racks: tuple[str, ...]
 ) -> None:
     """Late in a deploy most hosts are complete and their uplinks idle, while a host whose
-    relay source lags still gets that stripe at the source's pace. A complete neighbour
-    (not the origin) sends it the rest, starting from the last piece, so that the source,
-    which sends in piece order, and the helper do not send the same pieces. Only one of
+    relay source lags still gets that stripe at the source's pace. Complete neighbours
+    (not the origin) send it the rest, starting from the last piece, so that the source,
+    which sends in piece order, and the helpers do not send the same pieces; a few pieces
+    from each helper at a time, so that all of them share the work. Only neighbours of
     the host's own rack, whose uplink the plan crosses once per byte."""
     src = make_release(tmp_path / "src", big=[6 << 20], small=4, seed=12)
     manifest = pack(str(src), piece_size=256 << 10)
@@ -710,13 +711,13 @@ def test_a_lagging_relay_stripe_is_finished_by_a_complete_neighbour(
 
     origin = complete(seeder=True)
     source = complete(upload_rate=1 << 20)  # a slow relay: the release would take 6 s
-    helper = complete()
+    helpers = [complete() for _ in helper_racks]
+    racks = {origin: "r1", source: "r1", **dict(zip(helpers, helper_racks))}
 
     async def announce(_: web.Request) -> web.Response:
-        racks = {origin: "r1", source: "r1", helper: helper_rack}
         listed = tuple(
             Listed(e.config.peer_id.hex(), "127.0.0.1", e.port, e is origin, 0, racks[e])
-            for e in (origin, source, helper)
+            for e in racks
         )
         answer = AnnounceResponse(
             peers=listed,
@@ -729,9 +730,9 @@ def test_a_lagging_relay_stripe_is_finished_by_a_complete_neighbour(
         return web.Response(body=answer.to_bytes(), content_type="application/json")
 
     async def scenario() -> Stats:
-        runs = [asyncio.ensure_future(e.run()) for e in (origin, source, helper)]
+        runs = [asyncio.ensure_future(e.run()) for e in racks]
         try:
-            await _until(lambda: all(e.port for e in (origin, source, helper)))
+            await _until(lambda: all(e.port for e in racks))
             app = web.Application()
             app.router.add_post("/v1/announce", announce)
             async with TestServer(app, host="127.0.0.1") as tracker:
@@ -752,14 +753,17 @@ def test_a_lagging_relay_stripe_is_finished_by_a_complete_neighbour(
     stats = asyncio.run(scenario())
     assert stats.completed is not None and stats.downloaded == manifest.total_size
     assert origin.stats.uploaded == 0  # the origin's upload is left to the plan
-    if helper_rack != "r1":  # across racks: the source alone
-        assert helper.stats.uploaded == 0
-        assert source.stats.uploaded == manifest.total_size
+    total = manifest.total_size
+    helped = [h.stats.uploaded for h in helpers]
+    if helper_racks == ("r2",):  # across racks: the source alone
+        assert helped == [0]
+        assert source.stats.uploaded == total
         return
-    assert helper.stats.uploaded > manifest.total_size / 2, "the helper did not take the tail"
+    assert sum(helped) > total / 2, "the helpers did not take the tail"
+    assert min(helped) > total / (4 * len(helpers)), f"one helper did most: {helped}"
     assert source.stats.uploaded > 0, "the relay source sent nothing"
-    sent = source.stats.uploaded + helper.stats.uploaded
-    assert sent <= manifest.total_size + 8 * manifest.piece_size  # few pieces sent twice
+    sent = source.stats.uploaded + sum(helped)
+    assert sent <= total + 8 * manifest.piece_size  # few pieces sent twice
 
 
 async def _until(predicate: Callable[[], bool]) -> None:

@@ -30,6 +30,10 @@ Stripes = Optional[tuple[int, frozenset[int]]]
 ENDGAME_MAX_DUPLICATES = 2
 # The endgame starts when at most max(this, 2 per neighbour) pieces are missing.
 ENDGAME_MIN_PIECES = 4
+# At most this many tail pieces (see pick_tail) in flight from one complete neighbour:
+# the hosts that lag are usually the children of one lagging relay, and all ask the
+# first neighbours to complete; spread thin, their tail comes from many uplinks at once.
+TAIL_PER_HELPER = 2
 
 
 def missing_pieces(missing: bytes | bytearray) -> Iterator[int]:
