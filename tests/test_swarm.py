@@ -105,16 +105,10 @@ def test_eight_peers_fetch_a_64_mib_release_byte_for_byte(swarm: Swarm, tmp_path
     manifest = swarm.release(src)
     assert manifest.total_size >= 64 * MiB
     assert len(manifest.files) > 300
-    swarm.start_tracker(expected_peers=8)
-    swarm.start_seeder()
-    peers = [swarm.fetch(linger=2.0) for _ in range(8)]
 
-    done = [swarm.finish(peer) for peer in peers]
+    done = _eight_peers_install(swarm, manifest, src)
 
-    for peer, stats in zip(peers, done):
-        assert_installed(peer, manifest, src)
-        assert stats["downloaded"] == manifest.total_size
-        assert stats["bad_pieces"] == 0
+    assert all(stats["bad_pieces"] == 0 for stats in done)
     assert sum(stats["from_peers"] for stats in done) > 0, "nothing travelled peer to peer"
     assert sum(stats["uploaded"] for stats in done) > 0
     assert swarm.seeder is not None and swarm.seeder.running()
@@ -129,6 +123,13 @@ def test_pieces_over_the_inline_limit_are_stored_by_workers_byte_for_byte(
     src = make_release(tmp_path / "src", big=[5 * MiB + 3, 7 * MiB], small=200, seed=15)
     manifest = swarm.release(src, piece_size=MiB)
     assert manifest.piece_size > peer_module.INLINE_WORK_LIMIT
+
+    _eight_peers_install(swarm, manifest, src)
+
+
+def _eight_peers_install(swarm: Swarm, manifest: Manifest, src: Path) -> list[dict]:
+    """A tracker expecting 8 peers, the seeder, 8 peers: each installs ``src`` byte for
+    byte, having downloaded exactly the release. Returns their final stats."""
     swarm.start_tracker(expected_peers=8)
     swarm.start_seeder()
     peers = [swarm.fetch(linger=2.0) for _ in range(8)]
@@ -138,6 +139,7 @@ def test_pieces_over_the_inline_limit_are_stored_by_workers_byte_for_byte(
     for peer, stats in zip(peers, done):
         assert_installed(peer, manifest, src)
         assert stats["downloaded"] == manifest.total_size
+    return done
 
 
 def test_peers_that_join_after_others_completed_still_complete(

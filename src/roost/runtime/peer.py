@@ -1055,13 +1055,13 @@ class Engine:
                 swarm,
             )
         if not chosen and self._may_help_with_the_tail(neighbour):
-            tail = [i for i in neighbour.downloads if i % self.stripes not in relay]
+            in_tail = sum(1 for i in neighbour.downloads if i % self.stripes not in relay)
             chosen = picker.pick_tail(
                 self.missing,
                 neighbour.has,
                 self.requested,
                 set(neighbour.downloads),
-                min(count, picker.TAIL_PER_HELPER - len(tail)),
+                min(count, picker.TAIL_PER_HELPER - in_tail),
             )
         cancelled = {r.piece for r in neighbour.conn.our_cancelled_requests}
         for index in chosen:
