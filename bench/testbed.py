@@ -604,6 +604,22 @@ def self_check(tb: Testbed, *, duration: float, warmup: float, say: Callable[[st
     }
 
 
+def check_twice(check: Callable[[], dict], *, say: Callable[[str], None]) -> dict:
+    """Run the self-check, and once more if it fails; the second result keeps the first.
+
+    The probes share the machine with everything else on it: a host's share of a
+    240-flow mesh dips to 88-89 % of B now and then, a different host each time.
+    A testbed that cannot deliver fails twice.
+    """
+    result = check()
+    if result["passed"]:
+        return result
+    say("self-check: below the threshold; running it once more")
+    again = check()
+    again["first_attempt"] = result
+    return again
+
+
 def _check(name: str, rate: float, nominal: float) -> dict[str, Any]:
     share = rate / nominal if nominal else 0.0
     return {

@@ -340,15 +340,14 @@ class Manifest:
         if self._bytes is None:  # the manifest is immutable: serialize once
             quote = _json_string
             files = ",".join([
-                '{"mode":%d,"path":%s,"sha256":"%s","size":%d}'
-                % (f.mode, quote(f.path), f.sha256, f.size)
+                f'{{"mode":{f.mode:d},"path":{quote(f.path)},"sha256":"{f.sha256}","size":{f.size:d}}}'
                 for f in self.files
             ])  # fmt: skip
             symlinks = ",".join(
-                ['{"path":%s,"target":%s}' % (quote(s.path), quote(s.target)) for s in self.symlinks]
+                [f'{{"path":{quote(s.path)},"target":{quote(s.target)}}}' for s in self.symlinks]
             )
-            dirs = ",".join(['{"mode":%d,"path":%s}' % (d.mode, quote(d.path)) for d in self.dirs])
-            pieces = ",".join(['"%s"' % p.hex() for p in self.pieces])
+            dirs = ",".join([f'{{"mode":{d.mode:d},"path":{quote(d.path)}}}' for d in self.dirs])
+            pieces = ",".join([f'"{p.hex()}"' for p in self.pieces])
             text = (
                 f'{{"dirs":[{dirs}],'
                 f'"external_symlinks":{"true" if self.external_symlinks else "false"},'
