@@ -206,6 +206,26 @@ def test_pick_relay_asks_for_the_first_missing_pieces_of_its_stripes_in_order() 
     assert pick_relay(bytearray(missing), requested, (4, frozenset({1, 2})), 0) == []
 
 
+@given(
+    st.lists(st.tuples(st.booleans(), st.integers(0, 2)), max_size=80),
+    st.integers(1, 6).flatmap(
+        lambda k: st.tuples(st.just(k), st.frozensets(st.integers(0, k - 1), min_size=1))
+    ),
+    st.integers(0, 8),
+)
+def test_pick_relay_takes_the_first_unasked_missing_pieces_of_its_stripes(rows, stripes, count):
+    """Whatever the state: exactly the first ``count`` pieces, in order, that are missing,
+    not asked for and in the source's stripes (the definition, walked piece by piece)."""
+    missing = bytearray(m for m, _ in rows)
+    requested = [r for _, r in rows]
+    expected = [
+        i
+        for i in range(len(rows))
+        if missing[i] and not requested[i] and i % stripes[0] in stripes[1]
+    ][:count]
+    assert pick_relay(missing, requested, stripes, count) == expected
+
+
 def test_pick_relay_ignores_what_the_source_holds() -> None:
     """Asking ahead: the source answers once it has the piece, so its bitfield is moot."""
     assert pick_relay(bytearray([1, 1, 1]), [0, 0, 0], (1, frozenset({0})), 2) == [0, 1]

@@ -80,13 +80,20 @@ def pick_relay(
     """
     if count <= 0:
         return []
+    k, allowed = (1, frozenset({0})) if stripes is None else stripes
     chosen = []
-    for i in missing_pieces(missing):
-        if not requested[i] and stripe_allowed(i, stripes):
-            chosen.append(i)
-            if len(chosen) == count:
-                break
-    return chosen
+    for stripe in sorted(allowed):
+        # Walk this stripe's missing pieces only (a C-level slice and find): the first of
+        # them are usually asked for already, and the engine asks after every piece.
+        found = 0
+        for j in missing_pieces(missing[stripe::k]):
+            i = stripe + j * k
+            if not requested[i]:
+                chosen.append(i)
+                found += 1
+                if found == count:
+                    break
+    return sorted(chosen)[:count]
 
 
 def stripe_allowed(index: int, stripes: Stripes) -> bool:
