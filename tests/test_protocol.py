@@ -694,36 +694,6 @@ def test_block_payload_can_be_received_straight_into_the_blocks_buffer() -> None
         pair.b.payload_received(1)
 
 
-def test_block_in_progress_shows_what_has_arrived_of_a_wanted_block() -> None:
-    """A relay passes on what has arrived of a piece before the rest (cut-through): the
-    bytes so far of the Block being received, never those of a cancelled request's."""
-    pair = active_pair()
-    assert pair.b.block_in_progress() is None
-    pair.send(pair.b, Request(5, 24, 1000))
-    pair.b.receive_data(pair.a.send_block_header(5, 24, 1000) + b"q" * 100)
-    pair.a.payload_written(1000)  # its bytes are handed to b below, in three parts
-    assert pair.b.next_event() is NEED_DATA
-    piece, offset, received = pair.b.block_in_progress()
-    assert (piece, offset, bytes(received)) == (5, 24, b"q" * 100)
-    into = pair.b.payload_buffer()
-    into[:300] = b"r" * 300
-    pair.b.payload_received(300)
-    _, _, received = pair.b.block_in_progress()
-    assert bytes(received) == b"q" * 100 + b"r" * 300
-    pair.b.receive_data(b"s" * 600)
-    block = pair.b.next_event()
-    assert block == Block(5, 24, b"q" * 100 + b"r" * 300 + b"s" * 600)
-    assert bytes(received) == b"q" * 100 + b"r" * 300  # still valid, unchanged
-    assert pair.b.block_in_progress() is None
-    # A block for a cancelled request (it crossed the Cancel) is not shown.
-    pair.send(pair.b, Request(6, 0, 100))
-    late = pair.a.send_block_header(6, 0, 100)
-    pair.send(pair.b, Cancel(6, 0, 100))
-    pair.b.receive_data(late + b"u" * 10)
-    assert pair.b.next_event() is NEED_DATA
-    assert pair.b.block_in_progress() is None
-
-
 def test_send_block_header_needs_a_request() -> None:
     pair = active_pair()
     with pytest.raises(LocalProtocolError, match="answers no outstanding request"):

@@ -26,7 +26,7 @@ import threading
 import time
 import types
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import pytest
 from aiohttp import web
@@ -948,90 +948,3 @@ def test_a_lying_relay_source_is_banned_and_its_stripe_fetched_elsewhere(
     assert liar_stats.uploaded > 0, "no relay source asked the liar"
     assert sum(stats["bad_pieces"] for stats in done) > 0
     assert any("relay source of stripe" in p.stderr() for p in honest)
-
-
-def test_a_relay_passes_blocks_on_before_the_piece_is_complete(tmp_path: Path) -> None:
-    """Cut-through: a relay answers its children's blocks of a piece as the piece arrives
-    from its own source, so a piece crosses a hop in a block's time, not a piece's. The
-    last block leaves only once the piece is verified: when it fails, the children get
-    Reject for the rest and drop what they got, and never complete a bad piece from an
-    honest relay (so blaming the sender of a bad piece stays right)."""
-    src = make_release(tmp_path / "src", big=[1 << 20], small=2, seed=21)
-    piece_size = 256 << 10
-    manifest = pack(str(src), piece_size=piece_size)
-    block = peer_module.RELAY_BLOCK
-    offsets = range(0, piece_size, block)
-    original = Pieces(str(src), manifest, complete=True)
-    data = [original.read(i, 0, piece_size) for i in (0, 1)]
-    secret = os.urandom(32)
-    staging = Store.open(str(tmp_path / "dest"), create=True).stage(manifest)
-    pieces = Pieces(staging.root, manifest, complete=False, write=staging.write_verified_piece)
-
-    async def next_answer(client: WireClient) -> Any:
-        """The next Block or Reject (Haves and KeepAlives skipped)."""
-        while True:
-            event = await asyncio.wait_for(client.next_event(), 30)
-            if isinstance(event, (wire.Block, wire.Reject, wire.ConnectionClosed)):
-                return event
-
-    async def requests_for(client: WireClient, piece: int) -> list[tuple[int, int]]:
-        asked: list[tuple[int, int]] = []
-        while len(asked) < len(offsets):
-            event = await asyncio.wait_for(client.next_event(), 30)
-            if isinstance(event, wire.Request) and event.piece == piece:
-                asked.append((event.offset, event.length))
-        return asked
-
-    async def scenario() -> None:
-        relay = Engine(manifest, pieces, EngineConfig(secret=secret, linger=600.0))
-        run = asyncio.ensure_future(relay.run())
-        source, child = WireClient(manifest, secret), WireClient(manifest, secret)
-        try:
-            await _until(lambda: relay.port != 0)
-            await source.connect(relay.port)
-            await _until(lambda: len(relay.neighbours) == 1)
-            relay._set_plan((source.conn.peer_id.hex(),))  # as the tracker's answer does
-            # Asked of a relay source in blocks, in order, ahead of time.
-            assert await requests_for(source, 0) == [(o, block) for o in offsets]
-            assert await requests_for(source, 1) == [(o, block) for o in offsets]
-            await child.connect(relay.port)
-            for piece in (0, 1):
-                for o in offsets:
-                    await child.send(wire.Request(piece, o, block))  # parked: nothing held
-            await _until(lambda: sum(map(len, relay._parked.values())) == 2 * len(offsets))
-
-            # Piece 0: each block passes on as it arrives, the last once verified.
-            await source.send(wire.Block(0, 0, data[0][:block]))
-            first = await next_answer(child)
-            assert (first.piece, first.offset, bytes(first.data)) == (0, 0, data[0][:block])
-            assert not relay.pieces.have[0], "passed on before the piece was complete"
-            for o in offsets[1:]:
-                await source.send(wire.Block(0, o, data[0][o : o + block]))
-            for o in offsets[1:]:
-                answer = await next_answer(child)
-                assert isinstance(answer, wire.Block)
-                assert (answer.offset, bytes(answer.data)) == (o, data[0][o : o + block])
-            assert relay.pieces.have[0]
-
-            # Piece 1, its second block corrupt: three blocks pass on, then the piece
-            # fails at the relay, which bans its source and refuses the last block.
-            bad = bytearray(data[1])
-            bad[block + 7] ^= 0xFF
-            for o in offsets:
-                await source.send(wire.Block(1, o, bytes(bad[o : o + block])))
-            for o in offsets[:-1]:
-                answer = await next_answer(child)
-                assert isinstance(answer, wire.Block) and answer.offset == o
-            last = await next_answer(child)
-            assert isinstance(last, wire.Reject)
-            assert (last.piece, last.offset, last.length) == (1, offsets[-1], block)
-            assert relay.stats.bad_pieces == 1 and not relay.pieces.have[1]
-            assert source.conn.remote_peer_id is not None
-            assert relay.config.peer_id not in relay.banned and len(relay.banned) == 1
-        finally:
-            source.close()
-            child.close()
-            run.cancel()
-            await asyncio.gather(run, return_exceptions=True)
-
-    asyncio.run(scenario())

@@ -65,12 +65,6 @@ INLINE_WORK_LIMIT = 256 << 10
 # than it is worth (relay children ask ahead of time and do not wait for them).
 HAVE_DELAY = 0.2
 LOW_WATER_CAP = 64 << 10
-# Pieces are asked of a relay source (other than a seeder) in blocks of this size, so it
-# can pass each block on as soon as it has arrived instead of a whole piece later: a
-# 256 KiB piece at a quarter of 100 Mbit/s takes 84 ms to cross a hop, a block 21 ms.
-# Only a piece's last block waits for the piece to be verified, so a relay never
-# completes a bad piece for anyone (see docs/protocol.md, "Relaying a piece early").
-RELAY_BLOCK = 64 << 10
 _SO_RCVLOWAT = getattr(socket, "SO_RCVLOWAT", None) if sys.platform == "linux" else None
 _MSG_MORE = getattr(socket, "MSG_MORE", 0)
 _TCP_CONGESTION = getattr(socket, "TCP_CONGESTION", None)
@@ -295,9 +289,6 @@ class Engine:
         self._relayed_by: dict[bytes, frozenset[int]] = {}  # source -> its stripes for us
         self._plan_at = self.clock()
         self._parked: dict[int, list[tuple[Neighbour, _Upload]]] = {}  # asked before we had it
-        # Pieces passed on before they were complete: piece -> (the neighbour whose copy
-        # it was, those who got blocks of it). See _relay_early.
-        self._early: dict[int, tuple[Neighbour, set[Neighbour]]] = {}
         self._haves: list[int] = []  # pieces verified since the last Have batch
         # The tracker is still gathering the fleet (see announce ``retry_after``): ask
         # nobody for anything until it has planned, or the plan would start too late.
@@ -642,10 +633,6 @@ class Engine:
             if payload is not None and n:
                 neighbour.last_data = neighbour.last_heard
                 conn.payload_received(n)
-                if self._parked:
-                    progress = conn.block_in_progress()
-                    if progress is not None:
-                        self._relay_early(neighbour, *progress)
             else:
                 conn.receive_data(view[:n])
             if n and self._download_limit is not None:
@@ -806,7 +793,6 @@ class Engine:
                 self.availability[index] -= 1
         for index in neighbour.downloads:
             self.requested[index] -= 1
-            self._early_ended(neighbour, index, verified=False)
         neighbour.downloads.clear()
         with contextlib.suppress(OSError):
             # Shut down, don't close: this wakes the read and write loops (EOF, EPIPE), and
@@ -859,7 +845,7 @@ class Engine:
                     parked.remove((neighbour, upload))
                     neighbour.outbox.put_nowait(upload)
         elif isinstance(event, wire.Reject):
-            self._on_reject(neighbour, event)
+            self._on_reject(neighbour, event.piece)
         elif isinstance(event, wire.Goodbye):
             log.debug("%s said goodbye: %s", neighbour.address, event.reason)
 
@@ -895,17 +881,11 @@ class Engine:
                 neighbour.has[index] = 1
                 self.availability[index] += 1
 
-    def _on_reject(self, neighbour: Neighbour, reject: Any) -> None:
-        index = reject.piece
+    def _on_reject(self, neighbour: Neighbour, index: int) -> None:
         download = neighbour.downloads.pop(index, None)
-        if download is None:
-            return  # a piece already given up at the Reject of another of its blocks
-        self.requested[index] -= 1
-        neighbour.in_flight -= download.length
-        download.outstanding.discard((reject.offset, reject.length))
-        for offset, size in download.outstanding:  # its other blocks are not wanted now
-            neighbour.outbox.put_nowait(wire.Cancel(index, offset, size))
-        self._early_ended(neighbour, index, verified=False)
+        if download is not None:
+            self.requested[index] -= 1
+            neighbour.in_flight -= download.length
         stripe = index % self.stripes
         if stripe in self._relay_stripes(neighbour):
             # An origin refuses a piece it already sent once per requester; a second
@@ -938,8 +918,6 @@ class Engine:
         download.add(block.offset, block.data)
         download.outstanding.discard(key)
         if download.outstanding:
-            if self._parked:
-                self._relay_early(neighbour, block.piece, block.offset, memoryview(block.data))
             return
         del neighbour.downloads[block.piece]
         neighbour.last_data = self.clock()
@@ -963,7 +941,6 @@ class Engine:
         assert data is not None
         ok = await self._blocking(len(data), _verify, data, self.manifest.pieces[index])
         self.requested[index] -= 1
-        self._early_ended(neighbour, index, verified=ok)
         if not ok:
             self.stats.bad_pieces += 1
             if neighbour.peer_id not in self.banned:  # several bad pieces may be in flight
@@ -1006,62 +983,6 @@ class Engine:
             self.on_progress(self)
         self._progress.set()
 
-    def _relay_early(
-        self, source: Neighbour, index: int, offset: int, received: memoryview
-    ) -> None:
-        """Pass on the blocks asked of us (parked) that the bytes received of piece
-        ``index`` from ``source`` (starting at ``offset``) now cover, before the piece is
-        complete; a block that ends the piece waits for it to be verified.
-
-        One copy of a piece is passed on at a time: its receivers assemble the blocks,
-        and blocks of two copies would only be a valid piece if both were.
-        """
-        download = source.downloads.get(index)
-        early = self._early.get(index)
-        if download is None or (early is not None and early[0] is not source):
-            return
-        end_of_data = offset + len(received)
-        kept = []
-        for waiting, upload in self._parked.get(index, ()):
-            end = upload.offset + upload.length
-            if offset <= upload.offset and end <= end_of_data and end < download.length:
-                part = received[upload.offset - offset : end - offset]
-                waiting.outbox.put_nowait(replace(upload, data=part))
-                if early is None:
-                    early = self._early[index] = (source, set())
-                early[1].add(waiting)
-            else:
-                kept.append((waiting, upload))
-        self._set_parked(index, kept)
-
-    def _early_ended(self, source: Neighbour, index: int, *, verified: bool) -> None:
-        """``source``'s copy of piece ``index`` was verified, failed, or will not arrive.
-
-        If blocks of another copy went out early, or of this one and it will not be
-        verified, those who got them are answered Reject for the rest of the piece:
-        they drop what they have of it and ask again (see ``_on_reject``).
-        """
-        early = self._early.get(index)
-        if early is None or (verified and early[0] is source):
-            self._early.pop(index, None)
-            return
-        if early[0] is not source and not verified:
-            return  # another copy's download ended; the one passed on may still complete
-        del self._early[index]
-        kept = []
-        for waiting, upload in self._parked.get(index, ()):
-            if waiting in early[1]:
-                waiting.outbox.put_nowait(wire.Reject(*_key(upload)))
-            else:
-                kept.append((waiting, upload))
-        self._set_parked(index, kept)
-
-    def _set_parked(self, index: int, parked: list[tuple[Neighbour, _Upload]]) -> None:
-        if parked:
-            self._parked[index] = parked
-        else:
-            self._parked.pop(index, None)
-
     def _send_haves(self) -> None:
         have, self._haves = wire.Have(tuple(self._haves)), []
         for neighbour in list(self.neighbours.values()):
@@ -1100,7 +1021,7 @@ class Engine:
         count = max(1, room // self.manifest.piece_size)
         # At most MAX_INBOUND_REQUESTS unanswered requests (cancelled ones included) per
         # direction, or the protocol refuses to send the next one and the connection ends.
-        blocks = -(-self.manifest.piece_size // self._block_size(neighbour))  # per piece
+        blocks = -(-self.manifest.piece_size // wire.MAX_BLOCK)  # requests per piece
         slots = (neighbour.conn.request_slots - neighbour.requests_queued) // blocks
         neighbour.short_of_slots = slots < count
         count = min(count, slots)
@@ -1176,7 +1097,6 @@ class Engine:
         neighbour.in_flight -= download.length
         for offset, size in download.outstanding:
             neighbour.outbox.put_nowait(wire.Cancel(index, offset, size))
-        self._early_ended(neighbour, index, verified=False)
         return True
 
     # -- relaying -----------------------------------------------------------------------
@@ -1270,19 +1190,11 @@ class Engine:
             if self._mesh_waiting and not self._dial_sources_only():  # MESH_DELAY passed
                 self._dial_known()
 
-    def _block_size(self, neighbour: Neighbour) -> int:
-        """How much to ask for per Request: a relay source passes each block on as it
-        arrives (RELAY_BLOCK); from anyone else a piece comes whole."""
-        if self._relay_stripes(neighbour) and not neighbour.is_origin:
-            return RELAY_BLOCK
-        return wire.MAX_BLOCK
-
     def _request(self, neighbour: Neighbour, index: int) -> None:
         length = self.manifest.piece_length(index)
         download = _Download(index, length)
-        block = self._block_size(neighbour)
-        for offset in range(0, length, block):
-            size = min(block, length - offset)
+        for offset in range(0, length, wire.MAX_BLOCK):
+            size = min(wire.MAX_BLOCK, length - offset)
             download.outstanding.add((offset, size))
             neighbour.outbox.put_nowait(wire.Request(index, offset, size))
             neighbour.requests_queued += 1

@@ -949,18 +949,6 @@ class PeerConnection:
             return None
         return memoryview(body)[self._body_filled :]
 
-    def block_in_progress(self) -> tuple[int, int, memoryview] | None:
-        """(piece, offset, the bytes received so far) of the wanted Block being received.
-
-        A relay may pass on what has arrived of a piece before the rest (see the
-        protocol's "Relaying a piece before it is complete"). The bytes received
-        never change; the view stays valid after the Block event is delivered.
-        """
-        start = self._body_start
-        if self._body is None or start is None or start[2]:  # none, or a cancelled request's
-            return None
-        return start[0], start[1], memoryview(self._body)[: self._body_filled]
-
     def payload_received(self, count: int) -> None:
         """``count`` bytes were written at the start of ``payload_buffer()``."""
         body = self._body
