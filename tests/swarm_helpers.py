@@ -8,15 +8,18 @@ whatever is still running, so a failing test never leaves processes behind.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
 import json
 import os
 import random
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -34,8 +37,14 @@ MiB = 1 << 20
 WAIT = 120.0  # generous bound on any single wait: only there so a broken swarm cannot hang
 
 
+# Child processes get a HOME of their own: each records its pid under ~/.cache/roost/run,
+# and those the tests kill on purpose would leave their records in the real one.
+CHILD_HOME = tempfile.mkdtemp(prefix="roost-tests-home-")
+atexit.register(shutil.rmtree, CHILD_HOME, True)
+
+
 def child_env() -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": str(SRC), "PYTHONUNBUFFERED": "1"}
+    return {**os.environ, "PYTHONPATH": str(SRC), "PYTHONUNBUFFERED": "1", "HOME": CHILD_HOME}
 
 
 def free_port() -> int:

@@ -64,7 +64,11 @@ INLINE_WORK_LIMIT = 256 << 10
 # every few tens of milliseconds, announcing each at once to every neighbour costs more
 # than it is worth (relay children ask ahead of time and do not wait for them).
 HAVE_DELAY = 0.2
-LOW_WATER_CAP = 64 << 10
+# A whole 256 KiB piece, the usual size: waking once per piece instead of every 64 KiB
+# took 5 % less CPU on the testbed (12 pairs: 26.1 against 27.6 CPU-s; T_last 14.03
+# against 14.25 s). The pieces are forwarded once verified anyway, so waking earlier
+# gained nothing.
+LOW_WATER_CAP = 256 << 10
 _SO_RCVLOWAT = getattr(socket, "SO_RCVLOWAT", None) if sys.platform == "linux" else None
 _MSG_MORE = getattr(socket, "MSG_MORE", 0)
 _TCP_CONGESTION = getattr(socket, "TCP_CONGESTION", None)
