@@ -948,3 +948,48 @@ def test_a_lying_relay_source_is_banned_and_its_stripe_fetched_elsewhere(
     assert liar_stats.uploaded > 0, "no relay source asked the liar"
     assert sum(stats["bad_pieces"] for stats in done) > 0
     assert any("relay source of stripe" in p.stderr() for p in honest)
+
+
+def test_a_slow_relay_source_is_not_mistaken_for_a_stalled_one(tmp_path: Path) -> None:
+    """A read loop wakes only once a whole piece is waiting (SO_RCVLOWAT), so from a
+    source sending a piece in more than SOURCE_PATIENCE it hears nothing for that long:
+    the bytes waiting in the socket show the source is alive, and it keeps its stripe."""
+    src = make_release(tmp_path / "src", big=[1 << 20], small=2, seed=22)
+    manifest = pack(str(src), piece_size=256 << 10)
+    piece = Pieces(str(src), manifest, complete=True).read(0, 0, manifest.piece_length(0))
+    secret = os.urandom(32)
+    staging = Store.open(str(tmp_path / "dest"), create=True).stage(manifest)
+    pieces = Pieces(staging.root, manifest, complete=False, write=staging.write_verified_piece)
+    chunk = 16 << 10
+    pause = (peer_module.SOURCE_PATIENCE + 1.0) / (len(piece) // chunk)
+
+    async def scenario() -> None:
+        engine = Engine(manifest, pieces, EngineConfig(secret=secret, linger=600.0))
+        run = asyncio.ensure_future(engine.run())
+        source = WireClient(manifest, secret)
+        loop = asyncio.get_running_loop()
+        try:
+            await _until(lambda: engine.port != 0)
+            await source.connect(engine.port)
+            await _until(lambda: len(engine.neighbours) == 1)
+            engine._set_plan((source.conn.peer_id.hex(),))  # as the tracker's answer does
+            while True:
+                event = await asyncio.wait_for(source.next_event(), 30)
+                if isinstance(event, wire.Request) and event.piece == 0:
+                    break
+            await loop.sock_sendall(
+                source.sock, source.conn.send_block_header(event.piece, event.offset, event.length)
+            )
+            for offset in range(0, len(piece), chunk):  # ~40 KB/s: over SOURCE_PATIENCE
+                await asyncio.sleep(pause)
+                await loop.sock_sendall(source.sock, piece[offset : offset + chunk])
+            source.conn.payload_written(len(piece))
+            assert not engine.failed_sources, "a slow source was given up as stalled"
+            await asyncio.wait_for(_until(lambda: engine.pieces.have[0]), 30)
+            assert not engine.failed_sources
+        finally:
+            source.close()
+            run.cancel()
+            await asyncio.gather(run, return_exceptions=True)
+
+    asyncio.run(scenario())

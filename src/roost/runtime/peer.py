@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import hashlib
 import heapq
 import itertools
@@ -25,6 +26,7 @@ import os
 import random
 import socket
 import sys
+import termios
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator
@@ -229,6 +231,7 @@ class Neighbour:
         self.last_heard = engine.clock()
         self.last_data = engine.clock()  # block data last arrived (relay source health)
         self.low_water = 1  # the socket's SO_RCVLOWAT
+        self.queued = 0  # bytes waiting below it when last looked at (_note_queued_data)
         self.sending: tuple[int, float] | None = None  # (piece, since) of our head upload
         self.relay_rejects: set[int] = set()  # pieces this relay source refused once
         self.closed = False
@@ -632,6 +635,7 @@ class Engine:
             target = buffer if payload is None else payload
             n = await loop.sock_recv_into(neighbour.sock, target)
             neighbour.last_heard = self.clock()
+            neighbour.queued = 0
             if neighbour.closed:
                 return  # we closed it (_close): what is left of the stream does not matter
             if payload is not None and n:
@@ -780,6 +784,7 @@ class Engine:
             await asyncio.sleep(KEEPALIVE_INTERVAL)
             now = self.clock()
             for neighbour in list(self.neighbours.values()):
+                _note_queued_data(neighbour, now)
                 if now - neighbour.last_heard > IDLE_TIMEOUT:
                     self._close(neighbour, f"nothing heard for {IDLE_TIMEOUT:.0f} s")
                 elif neighbour.outbox.empty():
@@ -1183,6 +1188,7 @@ class Engine:
                     self._fail_source(stripe, "not connected")
                 continue
             waiting = any(i % self.stripes == stripe for i in neighbour.downloads)
+            _note_queued_data(neighbour, now)
             quiet = now - max(neighbour.last_data, self._plan_at)
             if waiting and quiet > SOURCE_PATIENCE:
                 self._fail_source(stripe, f"no data for {quiet:.0f} s")
@@ -1296,6 +1302,26 @@ def _set_low_water(neighbour: Neighbour, wanted: int) -> None:
         neighbour.low_water = wanted
         with contextlib.suppress(OSError):
             neighbour.sock.setsockopt(socket.SOL_SOCKET, _SO_RCVLOWAT, wanted)
+
+
+def _note_queued_data(neighbour: Neighbour, now: float) -> None:
+    """Count block data waiting below the socket's low-water mark as data heard.
+
+    With the mark at a whole piece, a slow link (a WAN, or a source throttled to
+    50 KB/s) delivers for seconds before the read loop wakes; the bytes in the
+    socket's receive queue show it is not stalled.
+    """
+    if neighbour.low_water <= 1 or neighbour.closed:
+        return  # nothing held back: every byte wakes the read loop
+    size = bytearray(4)
+    try:
+        fcntl.ioctl(neighbour.sock.fileno(), termios.FIONREAD, size)
+    except OSError:
+        return
+    queued = int.from_bytes(size, sys.byteorder)
+    if queued > neighbour.queued:
+        neighbour.last_heard = neighbour.last_data = now
+    neighbour.queued = queued
 
 
 def keep_new_connection(
