@@ -64,9 +64,7 @@ def test_bundle_is_deterministic() -> None:
 def test_bundle_holds_only_the_runtime() -> None:
     package = Path(roost.__file__).resolve().parent
     sources = {"__main__.py", "roost/__init__.py"} | {
-        f"roost/runtime/{p.name}"
-        for p in (package / "runtime").glob("*.py")
-        if p.name != "__main__.py"
+        f"roost/runtime/{p.name}" for p in (package / "runtime").glob("*.py")
     }
     expected = sources | {name + "c" for name in sources}  # and their bytecode
     with zipfile.ZipFile(io.BytesIO(runtime_bundle().data)) as archive:

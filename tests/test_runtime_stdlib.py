@@ -84,3 +84,21 @@ def test_runtime_cli_runs_in_isolated_mode(tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "m").read_bytes().startswith(b'{"dirs":')
+
+
+def test_the_entry_point_leaves_the_garbage_collector_running() -> None:
+    """The entry point pauses the collector while the runtime is imported (a start-up
+    cost on every host) and must resume it: a seeder runs for hours, and asyncio makes
+    reference cycles. What it imported is frozen out of the collector's way."""
+    code = (
+        f"import gc, sys, runpy; sys.path.insert(0, {str(SRC)!r});"
+        " sys.argv = ['roost-runtime', '--version']\n"
+        "try:\n    runpy.run_module('roost.runtime', run_name='__main__')\n"
+        "except SystemExit:\n    pass\n"
+        "print(gc.isenabled(), gc.get_freeze_count() > 1000)"
+    )
+    result = subprocess.run(
+        [sys.executable, "-I", "-S", "-c", code], capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split()[-2:] == ["True", "True"]

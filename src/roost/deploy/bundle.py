@@ -26,12 +26,7 @@ from pathlib import Path
 import roost
 
 _FIXED_TIME = (2020, 1, 1, 0, 0, 0)
-_MAIN = b"""\
-import sys
-from roost.runtime.cli import build_parser, run
-parser, _ = build_parser("roost-runtime")
-sys.exit(run(parser))
-"""
+_MAIN = b"import roost.runtime.__main__\n"  # the runtime's own entry point runs on import
 
 
 @dataclass(frozen=True)
@@ -53,8 +48,6 @@ def runtime_bundle() -> RuntimeBundle:
     with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_DEFLATED) as archive:
         _add_module(archive, "__main__.py", _MAIN)
         for path in sources:
-            if path.name == "__main__.py":
-                continue
             _add_module(archive, path.relative_to(package.parent).as_posix(), path.read_bytes())
     data = buffer.getvalue()
     return RuntimeBundle(data, hashlib.sha256(data).hexdigest())
