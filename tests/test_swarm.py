@@ -993,3 +993,39 @@ def test_a_slow_relay_source_is_not_mistaken_for_a_stalled_one(tmp_path: Path) -
             await asyncio.gather(run, return_exceptions=True)
 
     asyncio.run(scenario())
+
+
+def test_a_seeder_answers_every_block_of_a_piece_as_it_answered_the_first(
+    tmp_path: Path,
+) -> None:
+    """Pieces over MAX_BLOCK (16 MiB) are asked for in several blocks. A seeder refuses a
+    piece it has already sent; decided block by block, it served the first block of
+    every such piece and refused the second as already sent, so each was asked for and
+    sent again. Now the answer to a piece's first block holds for all its blocks."""
+    src = make_release(tmp_path / "src", big=[40 * MiB], small=3, seed=23)
+    manifest = pack(str(src), piece_size=32 * MiB)
+    assert manifest.piece_length(0) > wire.MAX_BLOCK
+    secret = os.urandom(32)
+    staging = Store.open(str(tmp_path / "dest"), create=True).stage(manifest)
+    pieces = Pieces(staging.root, manifest, complete=False, write=staging.write_verified_piece)
+
+    async def scenario() -> None:
+        seeder_config = EngineConfig(secret=secret, linger=600.0, seeder=True)
+        seeder = Engine(manifest, Pieces(str(src), manifest, complete=True), seeder_config)
+        seeder_run = asyncio.ensure_future(seeder.run())
+        runs = [seeder_run]
+        try:
+            await _until(lambda: seeder.port != 0)
+            config = EngineConfig(secret=secret, peers=[("127.0.0.1", seeder.port)], linger=0.0)
+            fetcher = Engine(manifest, pieces, config)
+            runs.append(asyncio.ensure_future(fetcher.run()))
+            stats = await asyncio.wait_for(runs[-1], 120)
+            assert stats.completed is not None
+            assert stats.downloaded == manifest.total_size
+            assert seeder.stats.uploaded == manifest.total_size  # every byte sent once
+        finally:
+            for task in runs:
+                task.cancel()
+            await asyncio.gather(*runs, return_exceptions=True)
+
+    asyncio.run(scenario())

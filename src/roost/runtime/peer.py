@@ -226,6 +226,7 @@ class Neighbour:
         self.outbox = Outbox()
         self.uploads_cancelled: set[tuple[int, int, int]] = set()
         self.refused: set[int] = set()  # pieces a seeder told this neighbour to get elsewhere
+        self.answers: dict[int, bool] = {}  # a seeder's last serve-or-refuse, per piece
         self.requests_queued = 0  # Requests in the outbox, not yet in the protocol's ledger
         self.short_of_slots = False  # _refill held back: refill again as answers come in
         self.last_heard = engine.clock()
@@ -829,7 +830,7 @@ class Engine:
         elif isinstance(event, wire.Request):
             upload = _Upload(event.piece, event.offset, event.length)
             if self.pieces.have[event.piece]:
-                if self._serve_as_origin(neighbour, event.piece):
+                if self._serve_as_origin(neighbour, event):
                     if self.pieces.checked is not None and not self.pieces.checked[event.piece]:
                         self._check_source(event.piece)
                     neighbour.outbox.put_nowait(upload)
@@ -858,10 +859,23 @@ class Engine:
         elif isinstance(event, wire.Goodbye):
             log.debug("%s said goodbye: %s", neighbour.address, event.reason)
 
-    def _serve_as_origin(self, neighbour: Neighbour, index: int) -> bool:
-        """Seeders spend their upload on pieces nobody holds yet (see picker)."""
+    def _serve_as_origin(self, neighbour: Neighbour, request: Any) -> bool:
+        """Seeders spend their upload on pieces nobody holds yet (see picker).
+
+        A piece over MAX_BLOCK is asked for in several blocks, first block first: the
+        answer given to its first block holds for the others. Decided block by block,
+        the second block of every such piece was refused (the piece counted as sent
+        already), and the piece asked for again: the origin sent half of it twice.
+        """
         if not self.config.seeder:
             return True
+        index = request.piece
+        if request.offset and index in neighbour.answers:
+            return neighbour.answers[index]
+        neighbour.answers[index] = serve = self._serve_or_refuse(neighbour, index)
+        return serve
+
+    def _serve_or_refuse(self, neighbour: Neighbour, index: int) -> bool:
         refused = index in neighbour.refused
         if picker.origin_should_serve(self.uploads[index], refused):
             self.uploads[index] += 1
@@ -892,9 +906,10 @@ class Engine:
 
     def _on_reject(self, neighbour: Neighbour, index: int) -> None:
         download = neighbour.downloads.pop(index, None)
-        if download is not None:
-            self.requested[index] -= 1
-            neighbour.in_flight -= download.length
+        if download is None:
+            return  # another block of a piece given up at its first block's Reject
+        self.requested[index] -= 1
+        neighbour.in_flight -= download.length
         stripe = index % self.stripes
         if stripe in self._relay_stripes(neighbour):
             # An origin refuses a piece it already sent once per requester; a second
