@@ -1029,3 +1029,42 @@ def test_a_seeder_answers_every_block_of_a_piece_as_it_answered_the_first(
             await asyncio.gather(*runs, return_exceptions=True)
 
     asyncio.run(scenario())
+
+
+def test_a_piece_refused_block_by_block_is_dropped_once_every_block_is_answered(
+    tmp_path: Path,
+) -> None:
+    """A piece over MAX_BLOCK is asked for in several blocks, and asking for a block again
+    before its answer has come is a protocol error (the connection would end). So a
+    piece one of whose blocks is refused is dropped, free to be asked for again, only
+    once every one of its blocks has been answered, by a Reject or by data."""
+    src = make_release(tmp_path / "src", big=[40 * MiB], small=3, seed=24)
+    manifest = pack(str(src), piece_size=32 * MiB)
+    length = manifest.piece_length(0)
+    blocks = [(0, wire.MAX_BLOCK), (wire.MAX_BLOCK, length - wire.MAX_BLOCK)]
+    staging = Store.open(str(tmp_path / "dest"), create=True).stage(manifest)
+    pieces = Pieces(staging.root, manifest, complete=False, write=staging.write_verified_piece)
+    engine = Engine(manifest, pieces, EngineConfig(secret=b"s" * 32))
+
+    def asked() -> types.SimpleNamespace:
+        neighbour = types.SimpleNamespace(
+            downloads={}, in_flight=length, relay_rejects=set(), peer_id=b"p" * 16,
+            has=bytearray(manifest.piece_count),
+        )  # fmt: skip
+        download = peer_module._Download(0, length)
+        download.outstanding = set(blocks)
+        neighbour.downloads[0] = download
+        engine.requested[0] = 1
+        return neighbour
+
+    for second_answer in (
+        wire.Reject(0, *blocks[1]),
+        wire.Block(0, blocks[1][0], b"d" * blocks[1][1]),
+    ):
+        neighbour = asked()
+        engine._on_reject(neighbour, wire.Reject(0, *blocks[0]))
+        assert 0 in neighbour.downloads and engine.requested[0] == 1, "dropped too early"
+        engine._handle(neighbour, second_answer)
+        assert 0 not in neighbour.downloads
+        assert engine.requested[0] == 0 and neighbour.in_flight == 0
+        assert engine.missing[0] == 1 and not engine.pieces.have[0]

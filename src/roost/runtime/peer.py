@@ -198,6 +198,7 @@ class _Download:
         self.length = length
         self.buffer: bytearray | None = None  # made on the first partial block
         self.outstanding: set[tuple[int, int]] = set()
+        self.rejected = False  # a block was refused: dropped once the others are answered
 
     def add(self, offset: int, data: bytearray) -> None:
         if offset == 0 and len(data) == self.length:
@@ -855,7 +856,7 @@ class Engine:
                     parked.remove((neighbour, upload))
                     neighbour.outbox.put_nowait(upload)
         elif isinstance(event, wire.Reject):
-            self._on_reject(neighbour, event.piece)
+            self._on_reject(neighbour, event)
         elif isinstance(event, wire.Goodbye):
             log.debug("%s said goodbye: %s", neighbour.address, event.reason)
 
@@ -904,10 +905,22 @@ class Engine:
                 neighbour.has[index] = 1
                 self.availability[index] += 1
 
-    def _on_reject(self, neighbour: Neighbour, index: int) -> None:
-        download = neighbour.downloads.pop(index, None)
+    def _on_reject(self, neighbour: Neighbour, reject: Any) -> None:
+        index = reject.piece
+        download = neighbour.downloads.get(index)
         if download is None:
-            return  # another block of a piece given up at its first block's Reject
+            return
+        download.rejected = True
+        download.outstanding.discard((reject.offset, reject.length))
+        if download.outstanding:
+            # A piece asked for in several blocks: drop it once they are all answered,
+            # as asking for a block again before its answer is a protocol error.
+            return
+        self._drop_rejected(neighbour, download)
+
+    def _drop_rejected(self, neighbour: Neighbour, download: _Download) -> None:
+        index = download.index
+        del neighbour.downloads[index]
         self.requested[index] -= 1
         neighbour.in_flight -= download.length
         stripe = index % self.stripes
@@ -939,6 +952,11 @@ class Engine:
         key = (block.offset, len(block.data))
         if download is None or key not in download.outstanding:
             return  # a block we cancelled, arriving late
+        if download.rejected:  # another block of this piece was refused (_on_reject)
+            download.outstanding.discard(key)
+            if not download.outstanding:
+                self._drop_rejected(neighbour, download)
+            return
         download.add(block.offset, block.data)
         download.outstanding.discard(key)
         if download.outstanding:
