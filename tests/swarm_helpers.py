@@ -30,6 +30,7 @@ from roost.runtime import protocol as wire
 from roost.runtime.manifest import Manifest
 from roost.runtime.pack import pack
 from roost.runtime.peer import Engine, EngineConfig, Pieces, Stats
+from roost.runtime.store import Store
 from roost.runtime.swarm import write_secret
 
 SRC = Path(__file__).resolve().parents[1] / "src"
@@ -109,6 +110,19 @@ def corrupt_copy(src: Path, dst: Path) -> None:
                 size = path.stat().st_size
                 target.write_bytes(bytes(b ^ 0x5A for b in path.read_bytes()) if size else b"")
                 target.chmod(path.stat().st_mode & 0o777)
+
+
+def staged_pieces(store: Store, manifest: Manifest) -> Pieces:
+    """Pieces for an engine to fetch into: a fresh staging area of ``store``."""
+    staging = store.stage(manifest)
+    return Pieces(staging.root, manifest, complete=False, write=staging.write_verified_piece)
+
+
+async def cancel_all(*tasks: asyncio.Future) -> None:
+    """Cancel engines' runs (or any tasks) and wait until they have wound down."""
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
 
 
 def lying_pieces(src: Path, dst: Path, manifest: Manifest) -> Pieces:

@@ -49,10 +49,12 @@ from swarm_helpers import (
     Peer,
     Swarm,
     WireClient,
+    cancel_all,
     child_env,
     free_port,
     lying_pieces,
     make_release,
+    staged_pieces,
     wait_until,
 )
 
@@ -411,9 +413,7 @@ def test_a_peer_that_banned_a_liar_still_accepts_honest_peers(tmp_path: Path) ->
             assert downloader.stats.bad_pieces >= 1
         finally:
             client.close()
-            for task in (download, liar_run):
-                task.cancel()
-            await asyncio.gather(download, liar_run, return_exceptions=True)
+            await cancel_all(download, liar_run)
             staging.abandon()
 
     asyncio.run(scenario())
@@ -453,9 +453,7 @@ def test_peer_connections_use_the_chosen_congestion_control_or_the_hosts(tmp_pat
             assert stats.completed is not None and config.congestion is None
             staging.finish()
         finally:
-            for task in (download, seeder_run):
-                task.cancel()
-            await asyncio.gather(download, seeder_run, return_exceptions=True)
+            await cancel_all(download, seeder_run)
             staging.abandon()
 
     asyncio.run(scenario())
@@ -492,9 +490,7 @@ def test_peers_that_dial_each_other_at_once_keep_one_connection(
         try:
             await asyncio.wait_for(_until(lambda: one_shared_connection(a, b)), 20)
         finally:
-            for task in runs:
-                task.cancel()
-            await asyncio.gather(*runs, return_exceptions=True)
+            await cancel_all(*runs)
 
     for _ in range(5):  # a race: lost in most rounds before the fix
         asyncio.run(scenario())
@@ -534,8 +530,7 @@ def test_a_peer_asks_nobody_for_pieces_before_the_trackers_first_answer(tmp_path
         return web.Response(body=answer.to_bytes(), content_type="application/json")
 
     async def fetch(seeder: Engine, tracker: str) -> tuple[Engine, asyncio.Future]:
-        staging = store.stage(manifest)
-        pieces = Pieces(staging.root, manifest, complete=False, write=staging.write_verified_piece)
+        pieces = staged_pieces(store, manifest)
         config = EngineConfig(
             secret=secret, tracker=tracker, peers=[("127.0.0.1", seeder.port)], linger=0.0
         )
@@ -569,9 +564,7 @@ def test_a_peer_asks_nobody_for_pieces_before_the_trackers_first_answer(tmp_path
             runs.append(run)
             assert (await asyncio.wait_for(run, 60)).completed is not None
         finally:
-            for task in runs:
-                task.cancel()
-            await asyncio.gather(*runs, return_exceptions=True)
+            await cancel_all(*runs)
 
     asyncio.run(scenario())
 
@@ -584,8 +577,7 @@ def test_under_a_new_plan_a_host_dials_its_relay_sources_before_the_rest(
     and the rest of the swarm once block data arrives, or MESH_DELAY after the plan came."""
     src = make_release(tmp_path / "src", big=[1 << 20], small=2, seed=14)
     manifest = pack(str(src))
-    staging = Store.open(str(tmp_path / "dest"), create=True).stage(manifest)
-    pieces = Pieces(staging.root, manifest, complete=False, write=staging.write_verified_piece)
+    pieces = staged_pieces(Store.open(str(tmp_path / "dest"), create=True), manifest)
     source, first, second = (
         (("10.0.0.1", 7000), os.urandom(16)),
         *(((f"10.0.0.{i}", 7000), os.urandom(16)) for i in (2, 3)),
@@ -686,8 +678,7 @@ def test_an_origin_sending_in_order_is_not_held_up_by_a_request_out_of_order(
         finally:
             stuck.close()
             client.close()
-            seeder_run.cancel()
-            await asyncio.gather(seeder_run, return_exceptions=True)
+            await cancel_all(seeder_run)
 
     asyncio.run(scenario())
 
@@ -748,9 +739,7 @@ def test_a_lagging_relay_stripe_is_finished_by_complete_neighbours(
                 runs.append(asyncio.ensure_future(fetcher.run()))
                 return await asyncio.wait_for(runs[-1], 60)
         finally:
-            for task in runs:
-                task.cancel()
-            await asyncio.gather(*runs, return_exceptions=True)
+            await cancel_all(*runs)
 
     stats = asyncio.run(scenario())
     assert stats.completed is not None and stats.downloaded == manifest.total_size
@@ -846,8 +835,7 @@ def test_a_requester_leaving_does_not_spoil_a_source_check_for_others(tmp_path: 
             release.set()
             first.close()
             second.close()
-            serving.cancel()
-            await asyncio.gather(serving, return_exceptions=True)
+            await cancel_all(serving)
 
     asyncio.run(scenario())
 
@@ -958,8 +946,7 @@ def test_a_slow_relay_source_is_not_mistaken_for_a_stalled_one(tmp_path: Path) -
     manifest = pack(str(src), piece_size=256 << 10)
     piece = Pieces(str(src), manifest, complete=True).read(0, 0, manifest.piece_length(0))
     secret = os.urandom(32)
-    staging = Store.open(str(tmp_path / "dest"), create=True).stage(manifest)
-    pieces = Pieces(staging.root, manifest, complete=False, write=staging.write_verified_piece)
+    pieces = staged_pieces(Store.open(str(tmp_path / "dest"), create=True), manifest)
     chunk = 16 << 10
     pause = (peer_module.SOURCE_PATIENCE + 1.0) / (len(piece) // chunk)
 
@@ -989,8 +976,7 @@ def test_a_slow_relay_source_is_not_mistaken_for_a_stalled_one(tmp_path: Path) -
             assert not engine.failed_sources
         finally:
             source.close()
-            run.cancel()
-            await asyncio.gather(run, return_exceptions=True)
+            await cancel_all(run)
 
     asyncio.run(scenario())
 
@@ -1006,8 +992,7 @@ def test_a_seeder_answers_every_block_of_a_piece_as_it_answered_the_first(
     manifest = pack(str(src), piece_size=32 * MiB)
     assert manifest.piece_length(0) > wire.MAX_BLOCK
     secret = os.urandom(32)
-    staging = Store.open(str(tmp_path / "dest"), create=True).stage(manifest)
-    pieces = Pieces(staging.root, manifest, complete=False, write=staging.write_verified_piece)
+    pieces = staged_pieces(Store.open(str(tmp_path / "dest"), create=True), manifest)
 
     async def scenario() -> None:
         seeder_config = EngineConfig(secret=secret, linger=600.0, seeder=True)
@@ -1024,9 +1009,7 @@ def test_a_seeder_answers_every_block_of_a_piece_as_it_answered_the_first(
             assert stats.downloaded == manifest.total_size
             assert seeder.stats.uploaded == manifest.total_size  # every byte sent once
         finally:
-            for task in runs:
-                task.cancel()
-            await asyncio.gather(*runs, return_exceptions=True)
+            await cancel_all(*runs)
 
     asyncio.run(scenario())
 
@@ -1042,8 +1025,7 @@ def test_a_piece_refused_block_by_block_is_dropped_once_every_block_is_answered(
     manifest = pack(str(src), piece_size=32 * MiB)
     length = manifest.piece_length(0)
     blocks = [(0, wire.MAX_BLOCK), (wire.MAX_BLOCK, length - wire.MAX_BLOCK)]
-    staging = Store.open(str(tmp_path / "dest"), create=True).stage(manifest)
-    pieces = Pieces(staging.root, manifest, complete=False, write=staging.write_verified_piece)
+    pieces = staged_pieces(Store.open(str(tmp_path / "dest"), create=True), manifest)
     engine = Engine(manifest, pieces, EngineConfig(secret=b"s" * 32))
 
     def asked() -> types.SimpleNamespace:
