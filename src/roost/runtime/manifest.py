@@ -232,8 +232,8 @@ class Manifest:
             starts.append(total)
             total += size
         self.total_size = total
-        if not _hex_digests([entry.sha256 for entry in self.files]):
-            bad = next(entry for entry in self.files if not _hex_digests([entry.sha256]))
+        if _decode_digests([entry.sha256 for entry in self.files]) is None:
+            bad = next(e for e in self.files if _decode_digests([e.sha256]) is None)
             raise ManifestError(f"file {_show(bad.path)}: sha256 must be 64 lowercase hex")
         if self.total_size > MAX_TOTAL_SIZE:
             raise ManifestError(f"release of {self.total_size} bytes exceeds the size limit")
@@ -400,15 +400,15 @@ class Manifest:
         ]
         dirs = [DirEntry(e["path"], e["mode"]) for e in _records(obj, "dirs", {"path", "mode"})]
         pieces = obj["pieces"]
-        if not isinstance(pieces, list) or not _hex_digests(pieces):
+        digests = _decode_digests(pieces) if isinstance(pieces, list) else None
+        if digests is None:
             raise ManifestError("pieces must be a list of 64-character lowercase hex sha256")
-        joined = bytes.fromhex("".join(pieces))
         manifest = cls(
             piece_size=obj["piece_size"],
             files=files,
             symlinks=symlinks,
             dirs=dirs,
-            pieces=[joined[i : i + 32] for i in range(0, len(joined), 32)],
+            pieces=[digests[i : i + 32] for i in range(0, len(digests), 32)],
             external_symlinks=obj["external_symlinks"],
         )
         if not _is_int(obj["total_size"]) or obj["total_size"] != manifest.total_size:
@@ -503,21 +503,24 @@ def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _hex_digests(values: list) -> bool:
-    """Whether every value is a sha256 in 64 lowercase hex digits.
+def _decode_digests(values: list) -> bytes | None:
+    """The digests, concatenated, if every value is a sha256 in 64 lowercase hex
+    digits; else None.
 
     Checked all at once: ``bytes.fromhex`` rejects any character but hex digits
     and ASCII whitespace, whitespace would leave fewer than 32 bytes per value,
     and lowercase text equals its ``lower()``.
     """
     if not all(isinstance(value, str) and len(value) == 64 for value in values):
-        return False
+        return None
     joined = "".join(values)
     try:
         decoded = bytes.fromhex(joined)
     except ValueError:
-        return False
-    return len(decoded) == 32 * len(values) and joined == joined.lower()
+        return None
+    if len(decoded) != 32 * len(values) or joined != joined.lower():
+        return None
+    return decoded
 
 
 def _show(value: object, limit: int = 120) -> str:
