@@ -911,14 +911,17 @@ class Engine:
         if download is None:
             return
         download.rejected = True
-        download.outstanding.discard((reject.offset, reject.length))
-        if download.outstanding:
-            # A piece asked for in several blocks: drop it once they are all answered,
-            # as asking for a block again before its answer is a protocol error.
-            return
-        self._drop_rejected(neighbour, download)
+        self._answered_after_reject(neighbour, download, (reject.offset, reject.length))
 
-    def _drop_rejected(self, neighbour: Neighbour, download: _Download) -> None:
+    def _answered_after_reject(
+        self, neighbour: Neighbour, download: _Download, block: tuple[int, int]
+    ) -> None:
+        """A block of a piece refused in part was answered: the piece is dropped once
+        all its blocks are (asking for a block again before its answer is a protocol
+        error)."""
+        download.outstanding.discard(block)
+        if download.outstanding:
+            return
         index = download.index
         del neighbour.downloads[index]
         self.requested[index] -= 1
@@ -953,9 +956,7 @@ class Engine:
         if download is None or key not in download.outstanding:
             return  # a block we cancelled, arriving late
         if download.rejected:  # another block of this piece was refused (_on_reject)
-            download.outstanding.discard(key)
-            if not download.outstanding:
-                self._drop_rejected(neighbour, download)
+            self._answered_after_reject(neighbour, download, key)
             return
         download.add(block.offset, block.data)
         download.outstanding.discard(key)
