@@ -102,3 +102,23 @@ def test_the_entry_point_leaves_the_garbage_collector_running() -> None:
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.split()[-2:] == ["True", "True"]
+
+
+def test_the_entry_point_imports_asyncio_without_tls_and_leaves_ssl_importable() -> None:
+    """asyncio is imported while ``ssl`` cannot be (a start-up cost the runtime has no
+    use for); an https tracker still imports ``ssl`` afterwards."""
+    code = (
+        f"import sys, runpy; sys.path.insert(0, {str(SRC)!r});"
+        " sys.argv = ['roost-runtime', '--version']\n"
+        "try:\n    runpy.run_module('roost.runtime', run_name='__main__')\n"
+        "except SystemExit:\n    pass\n"
+        "import asyncio.base_events, asyncio.sslproto\n"
+        "tls_in_asyncio = asyncio.base_events.ssl is not None\n"
+        "import ssl\n"
+        "print(tls_in_asyncio, callable(ssl.create_default_context))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-I", "-S", "-c", code], capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split()[-2:] == ["False", "True"]

@@ -27,12 +27,12 @@ import math
 import random
 import re
 import socket
-from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
 from roost.runtime.errors import RoostError
 from roost.runtime.manifest import MAX_PIECES
+from roost.runtime.record import Record
 
 API = "/v1"
 KEY_CONTEXT = b"roost-tracker-v1"
@@ -185,25 +185,35 @@ def _dump(obj: object) -> bytes:
 # -- announce request ---------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class AnnounceRequest:
-    """What a peer tells the tracker: who and where it is, what it holds, what happened."""
+class AnnounceRequest(Record):
+    """What a peer tells the tracker: who and where it is, what it holds, what happened.
+    Checked when made (``validate_request``)."""
 
-    swarm: str
-    peer: str
-    addr: str
-    port: int
-    have: int
-    pieces: int
-    event: str
-    time: float
-    rack: str | None = None
-    seeder: bool = False
-    uploaded: int = 0
-    downloaded: int = 0
-    downloaded_from_origin: int | None = None
+    __slots__ = (
+        "swarm", "peer", "addr", "port", "have", "pieces", "event", "time",
+        "rack", "seeder", "uploaded", "downloaded", "downloaded_from_origin",
+    )  # fmt: skip
 
-    def __post_init__(self) -> None:
+    def __init__(
+        self,
+        swarm: str,
+        peer: str,
+        addr: str,
+        port: int,
+        have: int,
+        pieces: int,
+        event: str,
+        time: float,
+        rack: str | None = None,
+        seeder: bool = False,
+        uploaded: int = 0,
+        downloaded: int = 0,
+        downloaded_from_origin: int | None = None,
+    ) -> None:
+        self.swarm, self.peer, self.addr, self.port = swarm, peer, addr, port
+        self.have, self.pieces, self.event, self.time = have, pieces, event, time
+        self.rack, self.seeder, self.uploaded, self.downloaded = rack, seeder, uploaded, downloaded
+        self.downloaded_from_origin = downloaded_from_origin
         validate_request(self)
 
     def to_json(self) -> dict[str, Any]:
@@ -269,12 +279,13 @@ def validate_request(req: AnnounceRequest) -> None:
         raise MalformedMessage("a completed peer holds every piece (have == pieces)")
 
 
-@dataclass(frozen=True)
-class SignedAnnounce:
+class SignedAnnounce(Record):
     """An announce ready to send: the exact body bytes and their signature."""
 
-    body: bytes
-    signature: str
+    __slots__ = ("body", "signature")
+
+    def __init__(self, body: bytes, signature: str) -> None:
+        self.body, self.signature = body, signature
 
     def headers(self) -> dict[str, str]:
         return {"Content-Type": "application/json", AUTH_HEADER: self.signature}
@@ -295,16 +306,16 @@ def parse_request(body: bytes) -> AnnounceRequest:
 # -- announce response --------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Neighbour:
+class Neighbour(Record):
     """A peer the tracker suggests talking to."""
 
-    peer: str
-    addr: str
-    port: int
-    seeder: bool
-    have: int
-    rack: str | None
+    __slots__ = ("peer", "addr", "port", "seeder", "have", "rack")
+
+    def __init__(
+        self, peer: str, addr: str, port: int, seeder: bool, have: int, rack: str | None
+    ) -> None:
+        self.peer, self.addr, self.port = peer, addr, port
+        self.seeder, self.have, self.rack = seeder, have, rack
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -330,8 +341,7 @@ class Neighbour:
         )
 
 
-@dataclass(frozen=True)
-class AnnounceResponse:
+class AnnounceResponse(Record):
     """The tracker's answer: neighbours, when to announce next, whether the swarm is done,
     and (``sources``) the peer to fetch each stripe from, when the tracker plans relays.
     ``stripes`` is the plan's stripe count, told to every peer while there is a plan
@@ -339,13 +349,24 @@ class AnnounceResponse:
     ``retry_after`` (seconds, fractional) asks for the next announce sooner than
     ``interval``: the tracker is still gathering the fleet before planning."""
 
-    peers: tuple[Neighbour, ...]
-    interval: int
-    swarm_complete: bool
-    stats: dict[str, int]
-    sources: tuple[str, ...] = ()
-    stripes: int = 0
-    retry_after: float | None = None
+    __slots__ = (
+        "peers", "interval", "swarm_complete", "stats", "sources", "stripes", "retry_after",
+    )  # fmt: skip
+
+    def __init__(
+        self,
+        peers: tuple[Neighbour, ...],
+        interval: int,
+        swarm_complete: bool,
+        stats: dict[str, int],
+        sources: tuple[str, ...] = (),
+        stripes: int = 0,
+        retry_after: float | None = None,
+    ) -> None:
+        self.peers, self.interval, self.swarm_complete, self.stats = (
+            peers, interval, swarm_complete, stats
+        )  # fmt: skip
+        self.sources, self.stripes, self.retry_after = sources, stripes, retry_after
 
     def to_json(self) -> dict[str, Any]:
         obj: dict[str, Any] = {

@@ -320,7 +320,7 @@ def cmd_releases(args: argparse.Namespace) -> int:
     current, previous = store.current_name(), store.previous_name()
     rows = [
         {
-            **release.__dict__,
+            **release.to_json(),
             "current": release.name == current,
             "previous": release.name == previous,
         }

@@ -20,7 +20,6 @@ import re
 import stat
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 from roost.runtime.errors import ManifestError, RoostError
@@ -46,11 +45,11 @@ Excluded = Optional[Callable[[str], object]]  # a compiled regex's match, or Non
 _entry_name = operator.attrgetter("name")
 
 
-@dataclass
 class _Scan:
-    files: list[tuple[str, str, int, int]] = field(default_factory=list)  # rel, abs, size, mode
-    symlinks: list[SymlinkEntry] = field(default_factory=list)
-    dirs: list[DirEntry] = field(default_factory=list)
+    def __init__(self) -> None:
+        self.files: list[tuple[str, str, int, int]] = []  # rel, abs, size, mode
+        self.symlinks: list[SymlinkEntry] = []
+        self.dirs: list[DirEntry] = []
 
 
 def pack(

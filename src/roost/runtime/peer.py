@@ -31,13 +31,13 @@ import time
 from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 from roost.runtime import announce, picker
 from roost.runtime import protocol as wire
 from roost.runtime.manifest import Manifest
 from roost.runtime.ratelimit import TokenBucket
+from roost.runtime.record import Record
 
 log = logging.getLogger("roost.peer")
 
@@ -80,36 +80,49 @@ PENDING_LIMIT = 16 << 20
 MAX_BATCHED_MESSAGES = 256  # small messages coalesced into one send
 
 
-@dataclass
 class EngineConfig:
-    secret: bytes
-    peer_id: bytes = field(default_factory=lambda: os.urandom(16))
-    listen_host: str = "127.0.0.1"
-    listen_port: int = 0
-    advertise_host: str | None = None
-    tracker: str | None = None
-    rack: str | None = None
-    seeder: bool = False
-    linger: float = 30.0
-    stall_timeout: float = 300.0
-    max_connections: int = 32
-    in_flight_bytes: int = 4 << 20
-    upload_rate: float | None = None
-    download_rate: float | None = None
-    congestion: str | None = None  # TCP congestion control of peer connections; None: the host's
-    peers: list[tuple[str, int]] = field(default_factory=list)
+    """How an engine runs. ``congestion``: the TCP congestion control of its peer
+    connections (None: the host's default); ``peers``: addresses to dial without a tracker."""
+
+    def __init__(
+        self,
+        secret: bytes,
+        *,
+        peer_id: bytes | None = None,
+        listen_host: str = "127.0.0.1",
+        listen_port: int = 0,
+        advertise_host: str | None = None,
+        tracker: str | None = None,
+        rack: str | None = None,
+        seeder: bool = False,
+        linger: float = 30.0,
+        stall_timeout: float = 300.0,
+        max_connections: int = 32,
+        in_flight_bytes: int = 4 << 20,
+        upload_rate: float | None = None,
+        download_rate: float | None = None,
+        congestion: str | None = None,
+        peers: list[tuple[str, int]] | None = None,
+    ) -> None:
+        self.secret = secret
+        self.peer_id = os.urandom(16) if peer_id is None else peer_id
+        self.listen_host, self.listen_port = listen_host, listen_port
+        self.advertise_host, self.tracker, self.rack = advertise_host, tracker, rack
+        self.seeder, self.linger, self.stall_timeout = seeder, linger, stall_timeout
+        self.max_connections, self.in_flight_bytes = max_connections, in_flight_bytes
+        self.upload_rate, self.download_rate = upload_rate, download_rate
+        self.congestion = congestion
+        self.peers = [] if peers is None else peers
 
 
-@dataclass
 class Stats:
-    downloaded: int = 0
-    from_origin: int = 0
-    from_peers: int = 0
-    uploaded: int = 0
-    bad_pieces: int = 0
-    banned: int = 0
-    started: float = 0.0
-    completed: float | None = None
+    """What an engine has moved so far (``completed``: when it held every piece)."""
+
+    def __init__(self, started: float = 0.0) -> None:
+        self.downloaded = self.from_origin = self.from_peers = self.uploaded = 0
+        self.bad_pieces = self.banned = 0
+        self.started = started
+        self.completed: float | None = None
 
 
 class Pieces:
@@ -1001,7 +1014,7 @@ class Engine:
         for waiting, upload in self._parked.pop(index, ()):
             if not waiting.closed:  # relayed from memory: no reading back what was just written
                 part = view[upload.offset : upload.offset + upload.length]
-                waiting.outbox.put_nowait(replace(upload, data=part))
+                waiting.outbox.put_nowait(_Upload(upload.piece, upload.offset, upload.length, part))
         length = len(data)
         self.stats.downloaded += length
         if neighbour.is_origin:
@@ -1247,13 +1260,17 @@ class Engine:
         self.requested[index] += 1
 
 
-@dataclass(frozen=True)
-class _Upload:
-    piece: int
-    offset: int
-    length: int
-    # The bytes, when the piece was just received and is relayed at once from memory.
-    data: memoryview | None = field(default=None, compare=False)
+class _Upload(Record):
+    """A block to send; ``data``: its bytes, when the piece was just received and is
+    relayed at once from memory."""
+
+    __slots__ = ("piece", "offset", "length", "data")
+    uncompared = ("data",)
+
+    def __init__(
+        self, piece: int, offset: int, length: int, data: memoryview | None = None
+    ) -> None:
+        self.piece, self.offset, self.length, self.data = piece, offset, length, data
 
 
 class Outbox(asyncio.Queue):

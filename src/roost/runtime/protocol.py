@@ -31,8 +31,9 @@ import math
 import os
 import struct
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, ClassVar, Union
+
+from roost.runtime.record import Record
 
 if TYPE_CHECKING:
     from roost.runtime.manifest import Manifest
@@ -142,7 +143,7 @@ class Role(enum.Enum):
         return Role.RESPONDER if self is Role.INITIATOR else Role.INITIATOR
 
 
-class Message:
+class Message(Record):
     """Base of every wire message. ``TYPE`` is the message type byte of the header."""
 
     __slots__ = ()
@@ -157,13 +158,13 @@ class Message:
         raise NotImplementedError
 
 
-@dataclass(frozen=True)
 class Hello(Message):
     """The first frame from each side: which swarm, who we are, a fresh challenge."""
 
-    swarm_id: bytes
-    peer_id: bytes
-    nonce: bytes
+    __slots__ = ("swarm_id", "peer_id", "nonce")
+
+    def __init__(self, swarm_id: bytes, peer_id: bytes, nonce: bytes) -> None:
+        self.swarm_id, self.peer_id, self.nonce = swarm_id, peer_id, nonce
 
     TYPE: ClassVar[int] = 1
     SIZES: ClassVar[tuple[int, int]] = (80, 80)
@@ -179,11 +180,13 @@ class Hello(Message):
         return cls(payload[:32], payload[32:48], payload[48:80])
 
 
-@dataclass(frozen=True)
 class Auth(Message):
     """The answer to the other side's challenge: an HMAC only secret holders can make."""
 
-    proof: bytes
+    __slots__ = ("proof",)
+
+    def __init__(self, proof: bytes) -> None:
+        self.proof = proof
 
     TYPE: ClassVar[int] = 2
     SIZES: ClassVar[tuple[int, int]] = (32, 32)
@@ -197,7 +200,6 @@ class Auth(Message):
         return cls(payload)
 
 
-@dataclass(frozen=True)
 class Bitfield(Message):
     """The pieces a side holds, one bit each, piece 0 in the high bit of byte 0.
 
@@ -206,7 +208,10 @@ class Bitfield(Message):
     authentication.
     """
 
-    have: bytes
+    __slots__ = ("have",)
+
+    def __init__(self, have: bytes) -> None:
+        self.have = have
 
     TYPE: ClassVar[int] = 3
     SIZES: ClassVar[tuple[int, int]] = (0, _U32_MAX)  # the connection demands the exact size
@@ -236,13 +241,15 @@ class Bitfield(Message):
         return cls(payload)
 
 
-@dataclass(frozen=True)
 class Have(Message):
     """The sender has just verified and stored ``pieces`` (at least one, each at most
     once). A peer announces what it verified in the last moment in one frame: one
     frame per piece and neighbour was most of the swarm's messages."""
 
-    pieces: tuple[int, ...]
+    __slots__ = ("pieces",)
+
+    def __init__(self, pieces: tuple[int, ...]) -> None:
+        self.pieces = pieces
 
     TYPE: ClassVar[int] = 4
     SIZES: ClassVar[tuple[int, int]] = (4, _U32_MAX)  # the connection bounds the count
@@ -261,26 +268,31 @@ class Have(Message):
         return cls(struct.unpack(f">{len(payload) // 4}I", payload))
 
 
-@dataclass(frozen=True)
-class Request(Message):
-    """Please send ``length`` bytes of ``piece`` from ``offset``. Answered by Block or Reject."""
+class _Range(Message):
+    """A message naming ``length`` bytes of ``piece`` from ``offset``."""
 
-    piece: int
-    offset: int
-    length: int
+    __slots__ = ("piece", "offset", "length")
 
-    TYPE: ClassVar[int] = 5
     SIZES: ClassVar[tuple[int, int]] = (12, 12)
+
+    def __init__(self, piece: int, offset: int, length: int) -> None:
+        self.piece, self.offset, self.length = piece, offset, length
 
     def _payload(self) -> bytes:
         return _pack_range(self.piece, self.offset, self.length)
 
     @classmethod
-    def _decode(cls, payload: bytes) -> Request:
+    def _decode(cls, payload: bytes) -> _Range:
         return cls(*_RANGE.unpack(payload))
 
 
-@dataclass(frozen=True, repr=False)
+class Request(_Range):
+    """Please send ``length`` bytes of ``piece`` from ``offset``. Answered by Block or Reject."""
+
+    __slots__ = ()
+    TYPE: ClassVar[int] = 5
+
+
 class Block(Message):
     """Data answering a Request for exactly (piece, offset, len(data)).
 
@@ -290,10 +302,11 @@ class Block(Message):
     still genuine and may be used; it is verified with the piece hash anyway).
     """
 
-    piece: int
-    offset: int
-    data: bytes
-    unwanted: bool = field(default=False, compare=False)
+    __slots__ = ("piece", "offset", "data", "unwanted")
+    uncompared = ("unwanted",)
+
+    def __init__(self, piece: int, offset: int, data: bytes, unwanted: bool = False) -> None:
+        self.piece, self.offset, self.data, self.unwanted = piece, offset, data, unwanted
 
     TYPE: ClassVar[int] = 6
     SIZES: ClassVar[tuple[int, int]] = (_BLOCK_PREFIX.size + 1, _BLOCK_PREFIX.size + MAX_BLOCK)
@@ -317,47 +330,24 @@ class Block(Message):
         return cls(piece, offset, payload[_BLOCK_PREFIX.size :])
 
 
-@dataclass(frozen=True)
-class Cancel(Message):
+class Cancel(_Range):
     """The sender no longer needs that request: answer it with Reject if not already sent."""
 
-    piece: int
-    offset: int
-    length: int
-
+    __slots__ = ()
     TYPE: ClassVar[int] = 7
-    SIZES: ClassVar[tuple[int, int]] = (12, 12)
-
-    def _payload(self) -> bytes:
-        return _pack_range(self.piece, self.offset, self.length)
-
-    @classmethod
-    def _decode(cls, payload: bytes) -> Cancel:
-        return cls(*_RANGE.unpack(payload))
 
 
-@dataclass(frozen=True)
-class Reject(Message):
+class Reject(_Range):
     """The sender will not serve that request (busy, cancelled, or no longer holding it)."""
 
-    piece: int
-    offset: int
-    length: int
-
+    __slots__ = ()
     TYPE: ClassVar[int] = 8
-    SIZES: ClassVar[tuple[int, int]] = (12, 12)
-
-    def _payload(self) -> bytes:
-        return _pack_range(self.piece, self.offset, self.length)
-
-    @classmethod
-    def _decode(cls, payload: bytes) -> Reject:
-        return cls(*_RANGE.unpack(payload))
 
 
-@dataclass(frozen=True)
 class KeepAlive(Message):
     """Nothing to say, still here. (Timing is the caller's business: this module has no clock.)"""
+
+    __slots__ = ()
 
     TYPE: ClassVar[int] = 9
     SIZES: ClassVar[tuple[int, int]] = (0, 0)
@@ -370,11 +360,13 @@ class KeepAlive(Message):
         return cls()
 
 
-@dataclass(frozen=True)
 class Goodbye(Message):
     """A polite close: the sender sends nothing more. ``reason`` is untrusted UTF-8 text."""
 
-    reason: str = ""
+    __slots__ = ("reason",)
+
+    def __init__(self, reason: str = "") -> None:
+        self.reason = reason
 
     TYPE: ClassVar[int] = 10
     SIZES: ClassVar[tuple[int, int]] = (0, MAX_REASON_BYTES)
@@ -401,9 +393,10 @@ class Goodbye(Message):
             raise _Violation("Goodbye reason is not valid UTF-8") from None
 
 
-@dataclass(frozen=True)
-class ConnectionClosed:
+class ConnectionClosed(Record):
     """The peer closed its end (EOF). Not a wire message; ``next_event`` repeats it."""
+
+    __slots__ = ()
 
 
 Event = Union[Message, ConnectionClosed]
