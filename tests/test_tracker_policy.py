@@ -23,6 +23,7 @@ from roost.tracker.policy import (
     swarm_age,
     swarm_complete,
 )
+from roost.tracker.relay import RelayConfig, build_plan
 
 NOW = 1000.0
 RACKS = [None, "r1", "r2", "r3"]
@@ -285,3 +286,26 @@ def test_interval_config_refuses_nonsense() -> None:
         with pytest.raises(ValueError):
             IntervalConfig(**bad)  # type: ignore[arg-type]
     assert IntervalConfig(gather_hold=0).gather_hold == 0  # 0: answer at once
+
+
+@given(st.integers(2, 40), st.integers(1, 16), st.integers(4, 12), st.integers(0, 99))
+def test_a_peer_is_handed_every_relay_source_of_its_plan(
+    receivers: int, stripes: int, degree: int, seed: int
+) -> None:
+    """Even a plan with more stripes than the hand-out's degree: a source the peer is not
+    told of is a stripe it cannot fetch as planned (with 16 stripes, half the fleet gave
+    up half its stripes to the swarm and the origin sent 1.5 × the release)."""
+    origin = PeerView(pid(0), None, True, 4, 4, math.inf, 0.0)
+    fleet = [
+        PeerView(pid(n), None, False, 0, 4, math.inf, float(n)) for n in range(1, receivers + 1)
+    ]
+    plan = build_plan([origin, *fleet], RelayConfig(stripes=stripes))
+    config = HandoutConfig(degree=degree, random_slots=min(2, degree))
+    for me in fleet:
+        chosen = select_neighbours(
+            me, [origin, *fleet], random.Random(seed), now=NOW, config=config, plan=plan
+        )
+        ids = [p.peer for p in chosen]
+        assert set(plan.sources[me.peer]) <= set(ids)
+        assert len(set(ids)) == len(ids) and me.peer not in ids
+        assert len(ids) <= max(degree, len(set(plan.sources[me.peer])))

@@ -218,8 +218,9 @@ def select_neighbours(
 ) -> list[P]:
     """At most ``config.degree`` live peers for ``me``: origin, ranked, random (module docstring).
 
-    With a relay ``plan`` (see ``relay``), a peer's sources come first and a
-    seeder is handed exactly the peers that fetch a stripe from it.
+    With a relay ``plan`` (see ``relay``), a peer's sources come first, every one of
+    them even when a plan has more stripes than ``degree`` allows, and a seeder is
+    handed exactly the peers that fetch a stripe from it.
     Deterministic for a given RNG state and set of peers, whatever their order.
     Linear in the swarm's size apart from one sort by id (what makes it order-free).
     """
@@ -246,12 +247,15 @@ def select_neighbours(
         ]
     sources = plan.sources.get(me.peer) if plan is not None else None
     if sources:
-        # Relay sources first; the origin's usual few clients keep it as well, so a
+        # Relay sources first, all of them (a peer cannot fetch a stripe from a source
+        # it was not told of); the origin's usual few clients keep it as well, so a
         # peer whose source fails still has a way to data nobody else holds yet.
         by_id = {p.peer: p for p in others}
         first = [by_id[s] for s in sources if s in by_id] + served_by
-        served_by = list({p.peer: p for p in first}.values())
+        first = list({p.peer: p for p in first}.values())
         candidates = [p for p in candidates if p.peer not in sources]
+        return _fill(first[: max(config.degree, len(set(sources)))], candidates, me.rack, rng,
+                     config, need=False)  # fmt: skip
     return _fill(served_by[: config.degree], candidates, me.rack, rng, config, need=False)
 
 
@@ -286,7 +290,7 @@ def _fill(
     chosen += pick_best(rest, n_ranked - (len(chosen) - len(first)), rng)
     taken = {p.peer for p in chosen}
     leftover = [p for p in candidates if p.peer not in taken]
-    return chosen + rng.sample(leftover, min(len(leftover), config.degree - len(chosen)))
+    return chosen + rng.sample(leftover, max(0, min(len(leftover), config.degree - len(chosen))))
 
 
 def pick_best(buckets: list[list[P]], n: int, rng: random.Random) -> list[P]:
