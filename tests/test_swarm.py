@@ -632,6 +632,50 @@ def test_an_outbox_sends_messages_first_and_uploads_lowest_piece_first() -> None
     asyncio.run(main())
 
 
+def test_a_relay_source_sends_to_its_children_before_anyone_else(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first hosts to complete, whom lagging hosts ask for the tail, are stripe roots
+    still feeding their own relay children: an upload to anyone else waits while a child
+    has one queued (at most ``CHILDREN_FIRST``); a child's never waits."""
+    monkeypatch.setattr(peer_module, "CHILDREN_FIRST", 0.5)
+    src = make_release(tmp_path / "src", big=[1 << 20], small=2, seed=5)
+    manifest = pack(str(src), piece_size=256 << 10)
+    upload = peer_module._Upload
+
+    async def main() -> None:
+        config = EngineConfig(secret=os.urandom(32))
+        engine = Engine(manifest, Pieces(str(src), manifest, complete=True), config)
+        engine._upload_done = asyncio.Event()
+
+        def neighbour(name: bytes) -> peer_module.Neighbour:
+            conn = types.SimpleNamespace(remote_peer_id=name * 16)
+            made = peer_module.Neighbour(engine, None, conn, name.decode(), dialled_by_us=False)  # type: ignore[arg-type]
+            engine.neighbours[made.peer_id] = made
+            return made
+
+        child, other = neighbour(b"c"), neighbour(b"o")
+        child.relay_child = True
+        child.outbox.put_nowait(upload(0, 0, 1))
+        turn = asyncio.ensure_future(engine._upload_turn(other, upload(3, 0, 1)))
+        await asyncio.sleep(0.2)
+        assert not turn.done()  # the child's upload goes first
+        assert await asyncio.wait_for(engine._upload_turn(child, upload(1, 0, 1)), 0.1)
+        child.outbox.get_nowait()  # the child's queue drained: the other may go
+        engine._upload_done.set()
+        assert await asyncio.wait_for(turn, 0.2) == upload(3, 0, 1)
+
+        child.outbox.put_nowait(upload(2, 0, 1))  # a child whose queue never drains
+        started = time.monotonic()
+        await asyncio.wait_for(engine._upload_turn(other, upload(3, 0, 1)), 5)
+        assert time.monotonic() - started >= 0.4  # held back, but not for ever
+
+        child.sending = (1, engine.clock() - picker.ORIGIN_STALL)  # a frozen child
+        await asyncio.wait_for(engine._upload_turn(other, upload(3, 0, 1)), 0.1)
+
+    asyncio.run(main())
+
+
 def test_an_origin_sending_in_order_is_not_held_up_by_a_request_out_of_order(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -755,6 +799,66 @@ def test_a_lagging_relay_stripe_is_finished_by_complete_neighbours(
     assert source.stats.uploaded > 0, "the relay source sent nothing"
     sent = source.stats.uploaded + sum(helped)
     assert sent <= total + 8 * manifest.piece_size  # few pieces sent twice
+
+
+def test_a_host_that_completes_tells_its_neighbours_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under a plan Haves leave in batches (children ask ahead and need none), but a
+    complete host is what a lagging neighbour asks for the tail: its last Haves leave
+    the moment it completes, not when the batch is due."""
+    monkeypatch.setattr(peer_module, "HAVE_DELAY", 30.0)
+    src = make_release(tmp_path / "src", big=[2 << 20], small=4, seed=21)
+    manifest = pack(str(src), piece_size=256 << 10)
+    secret = os.urandom(32)
+
+    def complete(**options: object) -> Engine:
+        config = EngineConfig(secret=secret, linger=600.0, **options)  # type: ignore[arg-type]
+        return Engine(manifest, Pieces(str(src), manifest, complete=True), config)
+
+    origin = complete(seeder=True, upload_rate=1 << 20)  # 2 s: the mesh is up before the end
+    observer = complete()
+
+    async def announce(_: web.Request) -> web.Response:
+        listed = tuple(
+            Listed(e.config.peer_id.hex(), "127.0.0.1", e.port, e is origin, 0, None)
+            for e in (origin, observer)
+        )
+        answer = AnnounceResponse(
+            peers=listed,
+            interval=60,
+            swarm_complete=False,
+            stats={},
+            sources=(origin.config.peer_id.hex(),),
+            stripes=1,
+        )
+        return web.Response(body=answer.to_bytes(), content_type="application/json")
+
+    async def scenario() -> float:
+        runs = [asyncio.ensure_future(e.run()) for e in (origin, observer)]
+        try:
+            await _until(lambda: origin.port and observer.port)
+            app = web.Application()
+            app.router.add_post("/v1/announce", announce)
+            async with TestServer(app, host="127.0.0.1") as tracker:
+                pieces = staged_pieces(Store.open(str(tmp_path / "dest"), create=True), manifest)
+                url = f"http://127.0.0.1:{tracker.port}"
+                config = EngineConfig(secret=secret, tracker=url, linger=600.0)
+                fetcher = Engine(manifest, pieces, config)
+                runs.append(asyncio.ensure_future(fetcher.run()))
+                await asyncio.wait_for(_until(lambda: fetcher.completed), 30)
+
+                def observer_sees_it_complete() -> bool:
+                    seen = observer.neighbours.get(fetcher.config.peer_id)
+                    return seen is not None and seen.has.find(0) < 0
+
+                await asyncio.wait_for(_until(observer_sees_it_complete), 10)
+                assert fetcher.stats.completed is not None
+                return time.time() - fetcher.stats.completed
+        finally:
+            await cancel_all(*runs)
+
+    assert asyncio.run(scenario()) < 5.0  # the batch was due 30 s after its first piece
 
 
 async def _until(predicate: Callable[[], bool]) -> None:
