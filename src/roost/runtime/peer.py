@@ -731,10 +731,7 @@ class Engine:
             heads = [n.sending for n in self.neighbours.values() if n.sending is not None]
             if picker.origin_may_send(upload.piece, heads, self.clock()):
                 break
-            assert self._upload_done is not None
-            self._upload_done.clear()
-            with contextlib.suppress(asyncio.TimeoutError):  # a head may stall meanwhile
-                await asyncio.wait_for(self._upload_done.wait(), picker.ORIGIN_STALL / 4)
+            await self._an_upload_ends(picker.ORIGIN_STALL / 4)  # a head may stall meanwhile
         if neighbour.relay_child or _key(upload) in neighbour.uploads_cancelled:
             return upload
         now = self.clock()
@@ -745,12 +742,16 @@ class Engine:
             and (n.sending is None or now - n.sending[1] < picker.ORIGIN_STALL)
             for n in self.neighbours.values()
         ):
-            assert self._upload_done is not None
-            self._upload_done.clear()
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._upload_done.wait(), CHILDREN_FIRST / 10)
+            await self._an_upload_ends(CHILDREN_FIRST / 10)
             now = self.clock()
         return upload
+
+    async def _an_upload_ends(self, timeout: float) -> None:
+        """Wait until an upload ends (or one is queued or cancelled), at most ``timeout``."""
+        assert self._upload_done is not None
+        self._upload_done.clear()
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._upload_done.wait(), timeout)
 
     async def _send_upload(self, neighbour: Neighbour, upload: _Upload) -> None:
         key = _key(upload)
