@@ -25,6 +25,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from aiohttp import web
+
 from roost.runtime import announce
 from roost.runtime import protocol as wire
 from roost.runtime.manifest import Manifest
@@ -116,6 +118,39 @@ def staged_pieces(store: Store, manifest: Manifest) -> Pieces:
     """Pieces for an engine to fetch into: a fresh staging area of ``store``."""
     staging = store.stage(manifest)
     return Pieces(staging.root, manifest, complete=False, write=staging.write_verified_piece)
+
+
+def complete_engine(src: Path, manifest: Manifest, secret: bytes, **options: Any) -> Engine:
+    """An engine serving the whole tree at ``src`` (a seeder with ``seeder=True``)."""
+    config = EngineConfig(secret=secret, linger=600.0, **options)
+    return Engine(manifest, Pieces(str(src), manifest, complete=True), config)
+
+
+def one_stripe_tracker(
+    racks: dict[Engine, str | None], origin: Engine, source: Engine
+) -> web.Application:
+    """A stand-in tracker: every announce is answered with the engines of ``racks`` (in
+    their racks) as neighbours, ``origin`` the seeder, and a one-stripe plan whose source
+    is ``source``."""
+
+    async def answer(_: web.Request) -> web.Response:
+        listed = tuple(
+            announce.Neighbour(e.config.peer_id.hex(), "127.0.0.1", e.port, e is origin, 0, r)
+            for e, r in racks.items()
+        )
+        response = announce.AnnounceResponse(
+            peers=listed,
+            interval=60,
+            swarm_complete=False,
+            stats={},
+            sources=(source.config.peer_id.hex(),),
+            stripes=1,
+        )
+        return web.Response(body=response.to_bytes(), content_type="application/json")
+
+    app = web.Application()
+    app.router.add_post("/v1/announce", answer)
+    return app
 
 
 async def cancel_all(*tasks: asyncio.Future) -> None:

@@ -86,39 +86,39 @@ def test_runtime_cli_runs_in_isolated_mode(tmp_path: Path) -> None:
     assert (tmp_path / "m").read_bytes().startswith(b'{"dirs":')
 
 
+def after_the_entry_point(code: str) -> list[str]:
+    """What ``code`` prints, run in an isolated interpreter once the runtime's entry point
+    has run (``roost-runtime --version``)."""
+    program = (
+        f"import sys, runpy; sys.path.insert(0, {str(SRC)!r});"
+        " sys.argv = ['roost-runtime', '--version']\n"
+        "try:\n    runpy.run_module('roost.runtime', run_name='__main__')\n"
+        "except SystemExit:\n    pass\n" + code
+    )
+    result = subprocess.run(
+        [sys.executable, "-I", "-S", "-c", program], capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout.split()
+
+
 def test_the_entry_point_leaves_the_garbage_collector_running() -> None:
     """The entry point pauses the collector while the runtime is imported (a start-up
     cost on every host) and must resume it: a seeder runs for hours, and asyncio makes
     reference cycles. What it imported is frozen out of the collector's way."""
-    code = (
-        f"import gc, sys, runpy; sys.path.insert(0, {str(SRC)!r});"
-        " sys.argv = ['roost-runtime', '--version']\n"
-        "try:\n    runpy.run_module('roost.runtime', run_name='__main__')\n"
-        "except SystemExit:\n    pass\n"
-        "print(gc.isenabled(), gc.get_freeze_count() > 1000)"
+    printed = after_the_entry_point(
+        "import gc; print(gc.isenabled(), gc.get_freeze_count() > 1000)"
     )
-    result = subprocess.run(
-        [sys.executable, "-I", "-S", "-c", code], capture_output=True, text=True, check=False
-    )
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.split()[-2:] == ["True", "True"]
+    assert printed[-2:] == ["True", "True"]
 
 
 def test_the_entry_point_imports_asyncio_without_tls_and_leaves_ssl_importable() -> None:
     """asyncio is imported while ``ssl`` cannot be (a start-up cost the runtime has no
     use for); an https tracker still imports ``ssl`` afterwards."""
-    code = (
-        f"import sys, runpy; sys.path.insert(0, {str(SRC)!r});"
-        " sys.argv = ['roost-runtime', '--version']\n"
-        "try:\n    runpy.run_module('roost.runtime', run_name='__main__')\n"
-        "except SystemExit:\n    pass\n"
+    printed = after_the_entry_point(
         "import asyncio.base_events, asyncio.sslproto\n"
         "tls_in_asyncio = asyncio.base_events.ssl is not None\n"
         "import ssl\n"
         "print(tls_in_asyncio, callable(ssl.create_default_context))"
     )
-    result = subprocess.run(
-        [sys.executable, "-I", "-S", "-c", code], capture_output=True, text=True, check=False
-    )
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.split()[-2:] == ["False", "True"]
+    assert printed[-2:] == ["False", "True"]

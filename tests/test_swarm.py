@@ -36,7 +36,6 @@ from roost.runtime import peer as peer_module
 from roost.runtime import picker
 from roost.runtime import protocol as wire
 from roost.runtime.announce import AnnounceResponse, fetch_status
-from roost.runtime.announce import Neighbour as Listed
 from roost.runtime.manifest import Manifest
 from roost.runtime.pack import pack
 from roost.runtime.peer import Engine, EngineConfig, Pieces, Stats, keep_new_connection
@@ -51,9 +50,11 @@ from swarm_helpers import (
     WireClient,
     cancel_all,
     child_env,
+    complete_engine,
     free_port,
     lying_pieces,
     make_release,
+    one_stripe_tracker,
     staged_pieces,
     wait_until,
 )
@@ -740,43 +741,23 @@ def test_a_lagging_relay_stripe_is_finished_by_complete_neighbours(
     src = make_release(tmp_path / "src", big=[6 << 20], small=4, seed=12)
     manifest = pack(str(src), piece_size=256 << 10)
     secret = os.urandom(32)
-    store = Store.open(str(tmp_path / "dest"), create=True)
-
-    def complete(**options: object) -> Engine:
-        config = EngineConfig(secret=secret, linger=600.0, **options)  # type: ignore[arg-type]
-        return Engine(manifest, Pieces(str(src), manifest, complete=True), config)
-
-    origin = complete(seeder=True)
-    source = complete(upload_rate=1 << 20)  # a slow relay: the release would take 6 s
-    helpers = [complete() for _ in helper_racks]
-    racks = {origin: "r1", source: "r1", **dict(zip(helpers, helper_racks))}
-
-    async def announce(_: web.Request) -> web.Response:
-        listed = tuple(
-            Listed(e.config.peer_id.hex(), "127.0.0.1", e.port, e is origin, 0, racks[e])
-            for e in racks
-        )
-        answer = AnnounceResponse(
-            peers=listed,
-            interval=60,
-            swarm_complete=False,
-            stats={},
-            sources=(source.config.peer_id.hex(),),
-            stripes=1,
-        )
-        return web.Response(body=answer.to_bytes(), content_type="application/json")
+    origin = complete_engine(src, manifest, secret, seeder=True)
+    # a slow relay: the release would take 6 s
+    source = complete_engine(src, manifest, secret, upload_rate=1 << 20)
+    helpers = [complete_engine(src, manifest, secret) for _ in helper_racks]
+    racks: dict[Engine, str | None] = {
+        origin: "r1",
+        source: "r1",
+        **dict(zip(helpers, helper_racks)),
+    }
 
     async def scenario() -> Stats:
         runs = [asyncio.ensure_future(e.run()) for e in racks]
         try:
             await _until(lambda: all(e.port for e in racks))
-            app = web.Application()
-            app.router.add_post("/v1/announce", announce)
+            app = one_stripe_tracker(racks, origin, source)
             async with TestServer(app, host="127.0.0.1") as tracker:
-                staging = store.stage(manifest)
-                pieces = Pieces(
-                    staging.root, manifest, complete=False, write=staging.write_verified_piece
-                )
+                pieces = staged_pieces(Store.open(str(tmp_path / "dest"), create=True), manifest)
                 url = f"http://127.0.0.1:{tracker.port}"
                 config = EngineConfig(secret=secret, tracker=url, rack="r1", linger=0.0)
                 fetcher = Engine(manifest, pieces, config)
@@ -811,35 +792,15 @@ def test_a_host_that_completes_tells_its_neighbours_at_once(
     src = make_release(tmp_path / "src", big=[2 << 20], small=4, seed=21)
     manifest = pack(str(src), piece_size=256 << 10)
     secret = os.urandom(32)
-
-    def complete(**options: object) -> Engine:
-        config = EngineConfig(secret=secret, linger=600.0, **options)  # type: ignore[arg-type]
-        return Engine(manifest, Pieces(str(src), manifest, complete=True), config)
-
-    origin = complete(seeder=True, upload_rate=1 << 20)  # 2 s: the mesh is up before the end
-    observer = complete()
-
-    async def announce(_: web.Request) -> web.Response:
-        listed = tuple(
-            Listed(e.config.peer_id.hex(), "127.0.0.1", e.port, e is origin, 0, None)
-            for e in (origin, observer)
-        )
-        answer = AnnounceResponse(
-            peers=listed,
-            interval=60,
-            swarm_complete=False,
-            stats={},
-            sources=(origin.config.peer_id.hex(),),
-            stripes=1,
-        )
-        return web.Response(body=answer.to_bytes(), content_type="application/json")
+    # 2 s: the mesh is up before the end
+    origin = complete_engine(src, manifest, secret, seeder=True, upload_rate=1 << 20)
+    observer = complete_engine(src, manifest, secret)
 
     async def scenario() -> float:
         runs = [asyncio.ensure_future(e.run()) for e in (origin, observer)]
         try:
             await _until(lambda: origin.port and observer.port)
-            app = web.Application()
-            app.router.add_post("/v1/announce", announce)
+            app = one_stripe_tracker({origin: None, observer: None}, origin, origin)
             async with TestServer(app, host="127.0.0.1") as tracker:
                 pieces = staged_pieces(Store.open(str(tmp_path / "dest"), create=True), manifest)
                 url = f"http://127.0.0.1:{tracker.port}"
