@@ -27,7 +27,7 @@ import tempfile
 import time
 from typing import Any
 
-from bench import report
+from bench import hostprofile, report
 from bench.systems import SYSTEMS
 from bench.systems.base import Bench, Run, compile_sources, make_release
 from bench.testbed import (
@@ -79,6 +79,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--timeout", type=float, metavar="S", help="give up on a run after S s")
     p.add_argument("--seed", type=int, default=1, help="seed of the release's contents")
     p.add_argument("--cleanup", action="store_true", help="remove leftovers of crashed runs")
+    p.add_argument(
+        "--profile-hosts",
+        action="store_true",
+        help="sample where roost's processes spend their CPU (bench.hostprofile): profiles"
+        " in OUT/profiles, a summary per run in OUT/host-profile.md; slows them a little",
+    )
     return p.parse_args(argv)
 
 
@@ -301,7 +307,11 @@ def _bench(
     limit = report.t_min(size, n, b, bo)
     timeout = args.timeout or max(60.0, 3 * n * size / bo + 60)
     logs = os.path.join(os.path.abspath(args.out), "logs")
-    bench = Bench(testbed, release, workdir, timeout, logs=logs)
+    profiles = None
+    if args.profile_hosts:
+        profiles = os.path.join(os.path.abspath(args.out), "profiles")
+        shutil.rmtree(profiles, ignore_errors=True)  # the last --profile-hosts run's
+    bench = Bench(testbed, release, workdir, timeout, logs=logs, profiles=profiles)
     for s in systems:
         s.prepare(bench)
 
@@ -374,6 +384,8 @@ def _bench(
         "duration_s": time.monotonic() - began,
     }
     written = report.write(results, os.path.abspath(args.out))
+    if profiles is not None and os.path.isdir(profiles):
+        written.append(hostprofile.write_report(profiles, os.path.abspath(args.out)))
     screen.end_line()
     print(report.markdown(results))
     screen.say("wrote " + ", ".join(written))

@@ -280,6 +280,7 @@ class Bench:
     workdir: str
     timeout: float
     logs: str | None = None  # where each run's logs are kept (None: discarded)
+    profiles: str | None = None  # roost's processes sampled into here (bench.hostprofile)
     state: dict[str, Any] = field(default_factory=dict)  # systems keep their prepared things
 
 

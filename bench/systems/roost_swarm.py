@@ -13,6 +13,15 @@ SEED_PORT = 7071
 LINGER = 120.0  # hosts keep serving until the tracker says the swarm is complete
 
 
+def runtime_command(run: Run) -> list[str]:
+    """How the testbed starts roost's runtime: as a host would, or under the sampling
+    profiler (``--profile-hosts``), each run's profiles in a folder of their own."""
+    if run.bench.profiles is None:
+        return [PYTHON, "-m", "roost.runtime"]
+    out = os.path.join(run.bench.profiles, os.path.basename(run.dir))
+    return [PYTHON, "-m", "bench.hostprofile", "--out", out, "roost.runtime"]
+
+
 class RoostSystem(System):
     name = "roost"
     description = "roost: tracker + seeder on the origin, `roost.runtime fetch` on every host"
@@ -56,14 +65,14 @@ class RoostSystem(System):
         run.run_in(origin, argv)
         run.spawn_origin(
             "seeder",
-            [PYTHON, "-m", "roost.runtime", "seed", run.release.manifest_path, run.release.tree,
+            [*runtime_command(run), "seed", run.release.manifest_path, run.release.tree,
              "--tracker", self.tracker_url(run), "--secret-file", secret,
              "--listen", f"{origin.address}:{SEED_PORT}", "--advertise", origin.address],
         )  # fmt: skip
         run.wait_port(origin, SEED_PORT)
 
     def host_argv(self, run: Run, node: Node) -> list[str]:
-        argv = [PYTHON, "-m", "roost.runtime", "fetch", run.release.manifest_path,
+        argv = [*runtime_command(run), "fetch", run.release.manifest_path,
                 "--dest", run.host_dir(node), "--tag", "bench", "--activate",
                 "--tracker", self.tracker_url(run),
                 "--secret-file", run.bench.state["roost_secret"], "--events",
