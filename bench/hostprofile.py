@@ -3,11 +3,13 @@
 ``python -m bench --profile-hosts DIR`` launches every roost process (hosts and the
 seeder) as ``python -m bench.hostprofile --out DIR MODULE ARGS...``, which runs
 ``MODULE`` as ``python -m MODULE ARGS...`` would, and meanwhile samples the Python
-stack every 2 ms of the process's CPU time (``ITIMER_PROF``: user and system time, so
-a system call's cost is charged to the line that made it). At exit it writes
-``DIR/<pid>.json``. A deterministic profiler (``cProfile``) was no use here: it
-times in wall-clock seconds, which on a saturated machine measures waiting for the
-CPU, and its per-call cost changes what it measures.
+stack every 4 ms of the process's CPU time (``ITIMER_PROF``: user and system time, so
+a system call's cost is charged to the line that made it; the kernel checks the timer
+at its clock tick, 4 ms here, so a shorter interval would not sample more often). At
+exit it writes ``DIR/<pid>.json``, with the process's CPU time. A deterministic
+profiler (``cProfile``) was no use here: it times in wall-clock seconds, which on a
+saturated machine measures waiting for the CPU, and its per-call cost changes what it
+measures.
 
 ``python -m bench.hostprofile --report DIR`` sums the processes' samples: each
 function's share of all CPU samples, by itself and with what it calls. Samples are
@@ -26,10 +28,11 @@ import runpy
 import signal
 import statistics
 import sys
+import time
 from collections import Counter
 from types import FrameType
 
-INTERVAL = 0.002  # seconds of the process's CPU time between samples
+INTERVAL = 0.004  # seconds of the process's CPU time between samples
 
 
 class Sampler:
@@ -63,6 +66,7 @@ class Sampler:
 
     def to_json(self) -> dict[str, object]:
         return {
+            "cpu_seconds": time.process_time(),
             "interval": INTERVAL,
             "samples": self.samples,
             "own": dict(self.own),
@@ -110,7 +114,7 @@ def report(directory: str, rows: int = 25) -> str:
         own.update(p["own"])
         total.update(p["total"])
     samples = sum(p["samples"] for p in profiles) or 1
-    per_process = [p["samples"] * p["interval"] for p in profiles]
+    per_process = [p["cpu_seconds"] for p in profiles]
     lines = [
         f"{len(profiles)} processes, {samples} samples of {profiles[0]['interval'] * 1e3:g} ms"
         f" of CPU; CPU per process: median {statistics.median(per_process):.2f} s,"

@@ -48,8 +48,9 @@ def test_a_profiled_module_runs_as_with_python_m_and_its_cpu_is_sampled(tmp_path
     assert result.stdout.strip() == "one --two"  # its own arguments, untouched
     (profile_file,) = out.iterdir()
     profile = json.loads(profile_file.read_text())
-    # 0.3 s of CPU at one sample per 2 ms: most samples found spin() running or below.
-    assert profile["samples"] >= 60
+    # 0.3 s of CPU at one sample per 4 ms: most samples found spin() running or below.
+    assert profile["cpu_seconds"] >= 0.3
+    assert profile["samples"] >= 50
     assert profile["total"]["busy.py:spin"] >= 0.8 * profile["samples"]
     assert profile["total"]["busy.py:<module>"] >= profile["total"]["busy.py:spin"]
     assert profile["own"].get("busy.py:<module>", 0) < profile["own"]["busy.py:spin"]
@@ -58,11 +59,13 @@ def test_a_profiled_module_runs_as_with_python_m_and_its_cpu_is_sampled(tmp_path
 def test_the_report_sums_every_process_of_a_folder(tmp_path):
     for pid, own in ((1, {"a.py:f": 30, "a.py:g": 10}), (2, {"a.py:f": 10, "b.py:h": 50})):
         total = {**own, "a.py:main": sum(own.values())}
-        profile = {"interval": 0.002, "samples": sum(own.values()), "own": own, "total": total}
+        samples = sum(own.values())
+        profile = {"cpu_seconds": samples * 0.004, "interval": 0.004, "samples": samples}
+        profile.update(own=own, total=total)
         (tmp_path / f"{pid}.json").write_text(json.dumps(profile))
     text = hostprofile.report(str(tmp_path))
     assert "2 processes, 100 samples" in text
-    assert "median 0.10 s, max 0.12 s" in text
+    assert "median 0.20 s, max 0.24 s" in text
     rows = [line for line in text.splitlines() if line.startswith("| `")]
     assert rows[0] == "| `b.py:h` | 50.0 | 50.0 |"  # most samples of its own first
     assert rows[1] == "| `a.py:f` | 40.0 | 40.0 |"
