@@ -1,15 +1,15 @@
 """Where a host's CPU goes: a sampling profiler for the processes the testbed launches.
 
-``python -m bench --profile-hosts DIR`` launches every roost process (hosts and the
-seeder) as ``python -m bench.hostprofile --out DIR MODULE ARGS...``, which runs
-``MODULE`` as ``python -m MODULE ARGS...`` would, and meanwhile samples the Python
-stack every 4 ms of the process's CPU time (``ITIMER_PROF``: user and system time, so
-a system call's cost is charged to the line that made it; the kernel checks the timer
-at its clock tick, 4 ms here, so a shorter interval would not sample more often). At
-exit it writes ``DIR/<pid>.json``, with the process's CPU time. A deterministic
-profiler (``cProfile``) was no use here: it times in wall-clock seconds, which on a
-saturated machine measures waiting for the CPU, and its per-call cost changes what it
-measures.
+``python -m bench --profile-hosts`` launches every roost process (hosts and the
+seeder) as ``python -m bench.hostprofile --out OUT/profiles/<run> MODULE ARGS...``,
+which runs ``MODULE`` as ``python -m MODULE ARGS...`` would, and meanwhile samples
+the Python stack every 4 ms of the process's CPU time (``ITIMER_PROF``: user and
+system time, so a system call's cost is charged to the line that made it; the kernel
+checks the timer at its clock tick, 4 ms here, so a shorter interval would not sample
+more often). At exit it writes ``<pid>.json`` there, with the process's CPU time.
+A deterministic profiler (``cProfile``) was no use here: it times in wall-clock
+seconds, which on a saturated machine measures waiting for the CPU, and its per-call
+cost changes what it measures.
 
 ``python -m bench.hostprofile --report DIR`` sums the processes' samples: each
 function's share of all CPU samples, by itself and with what it calls. Samples are
